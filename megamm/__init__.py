@@ -1,0 +1,3 @@
+"""megamm: multi-modal transformers trained at scale on DeepSpeed."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,404 @@
+"""Typed, nested configuration for megamm.
+
+A run's configuration is built in three layers, each overriding the last:
+
+1. the dataclass defaults below,
+2. a YAML recipe (a name from ``megamm/configs/`` such as ``tiny``, or a path),
+3. command-line overrides in dotlist form: ``optim.lr=1e-3 model.text.layers=4``.
+
+Every dataclass validates itself in ``__post_init__`` so that a bad value fails before any
+process group starts, with a message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence, TypeVar, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of one transformer encoder tower."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    """MLP hidden width = mlp_ratio * hidden_size."""
+
+    def validate(self, prefix: str) -> None:
+        _require(self.hidden_size > 0, f"{prefix}.hidden_size must be positive, got {self.hidden_size}")
+        _require(self.num_layers > 0, f"{prefix}.num_layers must be positive, got {self.num_layers}")
+        _require(self.num_heads > 0, f"{prefix}.num_heads must be positive, got {self.num_heads}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"{prefix}.hidden_size={self.hidden_size} is not divisible by "
+            f"{prefix}.num_heads={self.num_heads}; choose a hidden size that is a multiple of the head count",
+        )
+        _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    @property
+    def ffn_size(self) -> int:
+        return int(round(self.hidden_size * self.mlp_ratio))
+
+
+@dataclass
+class TextConfig(TransformerConfig):
+    """Text encoder: SentencePiece ids -> token features."""
+
+    vocab_size: int = 256
+    """Must be >= the tokenizer's vocabulary size."""
+    max_length: int = 32
+    """Captions are truncated or padded to this many tokens (BOS and EOS included)."""
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _require(self.vocab_size > 0, f"{prefix}.vocab_size must be positive, got {self.vocab_size}")
+        _require(self.max_length >= 3, f"{prefix}.max_length must be >= 3 (BOS, a token, EOS)")
+
+
+@dataclass
+class ImageConfig(TransformerConfig):
+    """Image encoder: a ViT over non-overlapping square patches."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    channels: int = 3
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _require(
+            self.image_size % self.patch_size == 0,
+            f"{prefix}.image_size={self.image_size} is not divisible by {prefix}.patch_size="
+            f"{self.patch_size}; pick a patch size that divides the image size",
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ModelConfig:
+    """The multi-modal model: encoders, shared embedding space, initialisation."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    embed_dim: int = 64
+    """Width of the shared (contrastive) embedding space."""
+    init_std: float = 0.02
+    logit_scale_init: float = math.log(1 / 0.07)
+    """Initial log temperature of the contrastive loss (CLIP uses log(1/0.07))."""
+    logit_scale_max: float = math.log(100.0)
+
+    def validate(self, prefix: str = "model") -> None:
+        self.text.validate(f"{prefix}.text")
+        self.image.validate(f"{prefix}.image")
+        _require(self.embed_dim > 0, f"{prefix}.embed_dim must be positive, got {self.embed_dim}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. The data-parallel size is what remains: world / (tp * pp)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 3
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _require(self.tensor_parallel >= 1, f"{prefix}.tensor_parallel must be >= 1")
+        _require(
+            self.pipeline_parallel == 1,
+            f"{prefix}.pipeline_parallel={self.pipeline_parallel}: pipeline parallelism is not "
+            "available yet; set it to 1",
+        )
+        _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage must be 0, 1, 2 or 3")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` ranks; raises if it does not divide."""
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        _require(
+            world_size % model_parallel == 0,
+            f"world size {world_size} is not divisible by parallel.tensor_parallel="
+            f"{self.tensor_parallel} x parallel.pipeline_parallel={self.pipeline_parallel}; "
+            "launch a multiple of tp*pp ranks or change the parallel sizes",
+        )
+        return world_size // model_parallel
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are read. Knows nothing about the model."""
+
+    train_shards: str = "demo_data/train/shard-{000000..000007}.tar"
+    """Brace pattern, glob, directory or comma-separated list of .tar shards."""
+    eval_shards: str = "demo_data/eval/shard-{000000..000000}.tar"
+    tokenizer: str = "demo_data/tokenizer.model"
+    """Path of a SentencePiece model (train one with tools/train_tokenizer.py)."""
+    image_size: int = 32
+    max_text_length: int = 32
+    num_workers: int = 1
+    """DataLoader worker processes per rank; shards are split over dp ranks x workers."""
+    shuffle_buffer: int = 256
+    """Samples held for in-stream shuffling (0 disables shuffling)."""
+    seed: int = 1234
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.num_workers >= 0, f"{prefix}.num_workers must be >= 0")
+        _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer must be >= 0")
+        _require(self.image_size > 0, f"{prefix}.image_size must be positive")
+        _require(self.max_text_length >= 3, f"{prefix}.max_text_length must be >= 3")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+
+    def validate(self, prefix: str = "optim") -> None:
+        _require(self.lr > 0, f"{prefix}.lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio must be in [0, 1]")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0")
+        _require(len(self.betas) == 2, f"{prefix}.betas must have two values")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/demo/checkpoints"
+    save_interval: int = 100
+    """Save every this many optimizer steps (and at the end of training)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _require(self.save_interval > 0, f"{prefix}.save_interval must be positive")
+        _require(self.keep_last >= 1, f"{prefix}.keep_last must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: str = "runs/demo/tensorboard"
+    log_interval: int = 10
+    """Write scalars every this many steps."""
+
+    def validate(self, prefix: str = "logging") -> None:
+        _require(self.log_interval > 0, f"{prefix}.log_interval must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    micro_batch_size: int = 32
+    """Samples per data-parallel rank per micro step."""
+    grad_accum_steps: int = 1
+    train_steps: int = 300
+    eval_interval: int = 0
+    """Evaluate retrieval every this many steps (0: only at the end)."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16"""
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.parallel.validate("parallel")
+        self.data.validate("data")
+        self.optim.validate("optim")
+        self.checkpoint.validate("checkpoint")
+        self.logging.validate("logging")
+        tp = self.parallel.tensor_parallel
+        for tower in ("text", "image"):
+            cfg: TransformerConfig = getattr(self.model, tower)
+            _require(
+                cfg.num_heads % tp == 0,
+                f"model.{tower}.num_heads={cfg.num_heads} is not divisible by parallel.tensor_parallel="
+                f"{tp}; use a head count that is a multiple of the tensor-parallel size",
+            )
+            _require(
+                cfg.ffn_size % tp == 0,
+                f"model.{tower}.hidden_size*mlp_ratio={cfg.ffn_size} is not divisible by "
+                f"parallel.tensor_parallel={tp}; adjust model.{tower}.mlp_ratio or hidden_size",
+            )
+        _require(
+            self.model.text.vocab_size % tp == 0,
+            f"model.text.vocab_size={self.model.text.vocab_size} is not divisible by "
+            f"parallel.tensor_parallel={tp}; round the vocabulary size up to a multiple of it",
+        )
+        _require(
+            self.data.image_size == self.model.image.image_size,
+            f"data.image_size={self.data.image_size} differs from model.image.image_size="
+            f"{self.model.image.image_size}; set both to the same value",
+        )
+        _require(
+            self.data.max_text_length == self.model.text.max_length,
+            f"data.max_text_length={self.data.max_text_length} differs from model.text.max_length="
+            f"{self.model.text.max_length}; set both to the same value",
+        )
+        _require(self.micro_batch_size > 0, "micro_batch_size must be positive")
+        _require(self.grad_accum_steps > 0, "grad_accum_steps must be positive")
+        _require(self.train_steps > 0, "train_steps must be positive")
+        _require(self.eval_interval >= 0, "eval_interval must be >= 0")
+        _require(
+            self.precision in ("fp32", "bf16", "fp16"),
+            f"precision={self.precision!r} is not one of fp32, bf16, fp16",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: defaults -> YAML -> dotlist overrides
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, target_type: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type of a field."""
+    origin = getattr(target_type, "__origin__", None)
+    if target_type is bool:
+        if isinstance(value, str):
+            lowered = value.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return bool(value)
+    if target_type in (int, float, str):
+        try:
+            if target_type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return target_type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {target_type.__name__}, got {value!r}") from None
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list like [a, b], got {value!r}")
+        item_types = target_type.__args__
+        if len(item_types) != len(value):
+            raise ConfigError(f"{name}: expected {len(item_types)} values, got {len(value)}")
+        return tuple(_coerce(v, t, name) for v, t in zip(value, item_types))
+    return value
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config field {name!r}; known fields: {', '.join(sorted(known))}")
+        field_type = hints[key]
+        if is_dataclass(field_type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping, got {value!r}")
+            kwargs[key] = _from_dict(field_type, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, field_type, name)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe name (``tiny``) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"config file {candidate} does not exist")
+        return candidate
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no recipe named {name_or_path!r}; available: {', '.join(available)}")
+    return named
+
+
+def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML recipe (if given), then ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if name_or_path:
+        path = resolve_recipe(name_or_path)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded
+    data = _deep_merge(data, parse_overrides(overrides))
+    return _from_dict(TrainConfig, data, "")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists), suitable for YAML or JSON."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))

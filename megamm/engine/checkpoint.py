@@ -1,0 +1,91 @@
+"""Checkpoints: DeepSpeed's save/load plus a completion marker, discovery and retention.
+
+A checkpoint is a DeepSpeed tag directory ``<dir>/global_step<N>``. It counts as complete
+only once every rank has finished writing and rank 0 has written ``megamm_complete.json``
+into it (atomically). Resume picks the newest complete one, so a save cut short by a crash
+or preemption is never loaded; older complete checkpoints are deleted only after a newer one
+is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+MARKER = "megamm_complete.json"
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = TAG_PATTERN.match(child.name)
+        if match and (child / MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete(directory: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint directory, or None."""
+    found = complete_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def save_checkpoint(engine: Any, directory: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    directory = Path(directory)
+    tag = tag_for_step(step)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    dist.barrier()  # every rank's shards are on disk
+    path = directory / tag
+    if dist.get_rank() == 0:
+        _write_json_atomic(path / MARKER, {"step": step, "world_size": dist.get_world_size()})
+        _prune(directory, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    for _, path in complete_checkpoints(directory)[:-keep_last]:
+        # Remove the marker first: a half-deleted checkpoint must never look complete.
+        (path / MARKER).unlink()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
+    """Load model, optimizer and scheduler state from a complete checkpoint; return client state."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete megamm checkpoint (no {MARKER}); pass --resume auto to pick "
+            "the newest complete one"
+        )
+    load_path, client_state = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    return client_state or {}

@@ -1,0 +1,5 @@
+"""The multi-modal model (plain torch modules; parallelism enters through process groups)."""
+
+from megamm.model.multimodal import MultiModalTransformer
+
+__all__ = ["MultiModalTransformer"]

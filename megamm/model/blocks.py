@@ -1,0 +1,83 @@
+"""Transformer building blocks: tensor-parallel MLP and pre-norm transformer block."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.model.attention import ParallelSelfAttention
+from megamm.parallel import ColumnParallelLinear, RowParallelLinear, normal_init
+from megamm.parallel.mappings import ProcessGroup
+
+
+class ParallelMLP(nn.Module):
+    """Column-parallel up projection, GELU, row-parallel down projection.
+
+    (..., H) -> (..., F / tp) on each rank -> (..., H) summed over the group.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, group: ProcessGroup, init_std: float, num_layers: int) -> None:
+        super().__init__()
+        self.up = ColumnParallelLinear(hidden_size, ffn_size, group, init_method=normal_init(init_std))
+        self.down = RowParallelLinear(
+            ffn_size, hidden_size, group, init_method=normal_init(scaled_output_std(init_std, num_layers))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def scaled_output_std(init_std: float, num_layers: int) -> float:
+    """GPT-2 style: residual-output projections get std / sqrt(2 * layers)."""
+    return init_std / math.sqrt(2.0 * num_layers)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x)). (B, T, H) -> (B, T, H)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        ffn_size: int,
+        group: ProcessGroup,
+        init_std: float,
+        num_layers: int,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(hidden_size)
+        self.attn = ParallelSelfAttention(
+            hidden_size,
+            num_heads,
+            group,
+            init_method=normal_init(init_std),
+            output_init_method=normal_init(scaled_output_std(init_std, num_layers)),
+        )
+        self.mlp_norm = nn.LayerNorm(hidden_size)
+        self.mlp = ParallelMLP(hidden_size, ffn_size, group, init_std, num_layers)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), key_padding_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerStack(nn.Module):
+    """``num_layers`` blocks followed by a final LayerNorm."""
+
+    def __init__(
+        self, hidden_size: int, num_layers: int, num_heads: int, ffn_size: int, group: ProcessGroup, init_std: float
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, ffn_size, group, init_std, num_layers) for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, key_padding_mask)
+        return self.final_norm(x)

@@ -1,0 +1,56 @@
+"""Heads on top of the encoders: projections and the CLIP-style contrastive loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.parallel import gather_batch_with_grad, group_rank
+from megamm.parallel.mappings import ProcessGroup
+
+
+class Projection(nn.Module):
+    """Linear map into the shared embedding space, then L2 normalisation. (B, H) -> (B, E)."""
+
+    def __init__(self, hidden_size: int, embed_dim: int, init_std: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, embed_dim, bias=False)
+        nn.init.normal_(self.linear.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x), dim=-1)
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, dp_group: ProcessGroup
+) -> torch.Tensor:
+    """Symmetric InfoNCE whose negatives span the whole data-parallel group.
+
+    image_emb, text_emb: (B, E) local, L2-normalised; every rank must pass the same B.
+    Local rows are scored against the gathered (dp * B) rows of the other modality, with the
+    positive of local row i at global index dp_rank * B + i ("local loss" with gathered
+    features). The mean of this loss over ranks equals the naive loss over the global batch,
+    and its gradients match once data-parallel gradients are averaged.
+    """
+    all_images = gather_batch_with_grad(image_emb, dp_group)  # (dp*B, E)
+    all_texts = gather_batch_with_grad(text_emb, dp_group)  # (dp*B, E)
+    batch = image_emb.shape[0]
+    labels = torch.arange(batch, device=image_emb.device) + group_rank(dp_group) * batch  # (B,)
+    logits_per_image = scale * image_emb @ all_texts.T  # (B, dp*B)
+    logits_per_text = scale * text_emb @ all_images.T  # (B, dp*B)
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+class ContrastiveHead(nn.Module):
+    """Learnable temperature + :func:`contrastive_loss`."""
+
+    def __init__(self, logit_scale_init: float, logit_scale_max: float, dp_group: ProcessGroup) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.logit_scale_max = logit_scale_max
+        self.dp_group = dp_group
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()
+        return contrastive_loss(image_emb, text_emb, scale, self.dp_group)

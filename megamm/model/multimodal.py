@@ -1,0 +1,69 @@
+"""MultiModalTransformer: image and text encoders, projections and the contrastive head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megamm.config import ModelConfig
+from megamm.model.encoders import ImageEncoder, TextEncoder
+from megamm.model.heads import ContrastiveHead, Projection
+from megamm.parallel import ParallelState
+
+
+class MultiModalTransformer(nn.Module):
+    """CLIP-style dual encoder, tensor-parallel inside the encoders.
+
+    Build it under the same seed on every rank: all weights are initialised from full master
+    tensors, so any tensor-parallel size gives the same model.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None) -> None:
+        super().__init__()
+        parallel = parallel or ParallelState.single()
+        text, image = config.text, config.image
+        self.text_encoder = TextEncoder(
+            vocab_size=text.vocab_size,
+            max_length=text.max_length,
+            hidden_size=text.hidden_size,
+            num_layers=text.num_layers,
+            num_heads=text.num_heads,
+            ffn_size=text.ffn_size,
+            group=parallel.tp_group,
+            init_std=config.init_std,
+        )
+        self.image_encoder = ImageEncoder(
+            image_size=image.image_size,
+            patch_size=image.patch_size,
+            channels=image.channels,
+            hidden_size=image.hidden_size,
+            num_layers=image.num_layers,
+            num_heads=image.num_heads,
+            ffn_size=image.ffn_size,
+            group=parallel.tp_group,
+            init_std=config.init_std,
+        )
+        self.text_projection = Projection(text.hidden_size, config.embed_dim, config.init_std)
+        self.image_projection = Projection(image.hidden_size, config.embed_dim, config.init_std)
+        self.contrastive = ContrastiveHead(config.logit_scale_init, config.logit_scale_max, parallel.dp_group)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        compute_loss: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """image (B, C, S, S), text_ids (B, T), text_mask (B, T) bool.
+
+        Returns ``image_emb`` and ``text_emb`` (B, E), L2-normalised, and ``loss`` (scalar)
+        when ``compute_loss``. Every data-parallel rank must call it with the same B.
+        """
+        image_emb = self.image_projection(self.image_encoder(image))  # (B, E)
+        text_emb = self.text_projection(self.text_encoder(text_ids, text_mask))  # (B, E)
+        out = {"image_emb": image_emb, "text_emb": text_emb}
+        if compute_loss:
+            out["loss"] = self.contrastive(image_emb, text_emb)
+        return out

@@ -1,0 +1,28 @@
+"""Tensor/data/pipeline parallel building blocks (torch.distributed only, no DeepSpeed)."""
+
+from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
+from megamm.parallel.mappings import (
+    copy_to_group,
+    gather_batch_with_grad,
+    gather_from_group,
+    group_rank,
+    group_size,
+    reduce_from_group,
+    scatter_to_group,
+)
+from megamm.parallel.state import ParallelState
+
+__all__ = [
+    "ColumnParallelLinear",
+    "ParallelState",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "copy_to_group",
+    "gather_batch_with_grad",
+    "gather_from_group",
+    "group_rank",
+    "group_size",
+    "normal_init",
+    "reduce_from_group",
+    "scatter_to_group",
+]

@@ -1,0 +1,176 @@
+"""Tensor-parallel layers (Megatron-style), initialised from the full master weight.
+
+Each layer materialises the full (unsharded) weight, runs ``init_method`` on it, and keeps
+this rank's slice. Since every rank draws the same numbers from the same seed, a model built
+with tensor_parallel=N is exactly the tensor_parallel=1 model split up.
+
+Sharded parameters carry ``tensor_model_parallel=True`` (and ``partition_dim``) so DeepSpeed
+counts them once per rank when it computes the global gradient norm.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.parallel.mappings import (
+    ProcessGroup,
+    copy_to_group,
+    gather_from_group,
+    group_rank,
+    group_size,
+    reduce_from_group,
+    scatter_to_group,
+)
+
+InitMethod = Callable[[torch.Tensor], None]
+
+
+def normal_init(std: float) -> InitMethod:
+    """In-place N(0, std^2) initialisation."""
+
+    def init(tensor: torch.Tensor) -> None:
+        nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what}={numerator} is not divisible by the tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def _sharded_parameter(master: torch.Tensor, group: ProcessGroup, dim: int) -> nn.Parameter:
+    """This rank's slice of ``master`` along ``dim``, as a parameter marked as sharded."""
+    size = group_size(group)
+    shard = master.chunk(size, dim=dim)[group_rank(group)].clone().contiguous()
+    param = nn.Parameter(shard)
+    param.tensor_model_parallel = size > 1  # type: ignore[attr-defined]
+    param.partition_dim = dim  # type: ignore[attr-defined]
+    param.partition_stride = 1  # type: ignore[attr-defined]
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by rows (output features) over the group.
+
+    Input (..., in_features), replicated on every rank.
+    Output (..., out_features / tp) per rank, or (..., out_features) if ``gather_output``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: ProcessGroup,
+        bias: bool = True,
+        gather_output: bool = False,
+        init_method: InitMethod = normal_init(0.02),
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.in_features = in_features
+        self.out_features = out_features
+        self.gather_output = gather_output
+        self.out_per_rank = _divide(out_features, group_size(group), "out_features")
+        master = torch.empty(out_features, in_features, device=device)
+        init_method(master)
+        self.weight = _sharded_parameter(master, group, dim=0)
+        if bias:
+            self.bias: Optional[nn.Parameter] = _sharded_parameter(
+                torch.zeros(out_features, device=device), group, dim=0
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_group(x, self.group)  # (..., in)
+        y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
+        return gather_from_group(y, self.group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, out_per_rank={self.out_per_rank}"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by columns (input features) over the group.
+
+    Input (..., in_features / tp) per rank if ``input_is_parallel``, else (..., in_features).
+    Output (..., out_features), summed over the group and replicated on every rank.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: ProcessGroup,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        init_method: InitMethod = normal_init(0.02),
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.in_features = in_features
+        self.out_features = out_features
+        self.input_is_parallel = input_is_parallel
+        self.in_per_rank = _divide(in_features, group_size(group), "in_features")
+        master = torch.empty(out_features, in_features, device=device)
+        init_method(master)
+        self.weight = _sharded_parameter(master, group, dim=1)
+        if bias:
+            # Added after the reduction, so it is replicated, not sharded.
+            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_group(x, self.group)  # (..., in / tp)
+        partial = F.linear(x, self.weight)  # (..., out), this rank's share of the sum
+        y = reduce_from_group(partial, self.group)  # (..., out)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, in_per_rank={self.in_per_rank}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows over the group.
+
+    Input ids (...), replicated. Output (..., embedding_dim), replicated: each rank looks up
+    the ids in its vocabulary range, zeroes the rest, and the group sums the results.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group: ProcessGroup,
+        init_method: InitMethod = normal_init(0.02),
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        per_rank = _divide(num_embeddings, group_size(group), "num_embeddings")
+        self.vocab_start = group_rank(group) * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        master = torch.empty(num_embeddings, embedding_dim, device=device)
+        init_method(master)
+        self.weight = _sharded_parameter(master, group, dim=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if group_size(self.group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight)  # (..., D), zero rows for foreign ids below
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_group(out, self.group)

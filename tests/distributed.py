@@ -1,0 +1,30 @@
+"""Run a function on N CPU processes joined by a gloo group (file:// rendezvous, no ports)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> None:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; re-raise any failure.
+
+    ``fn`` must be a module-level function (it is pickled into the children).
+    """
+    init_file = str(tmp_path / f"rendezvous-{os.getpid()}-{world_size}")
+    mp.spawn(_entry, args=(fn, world_size, init_file, args), nprocs=world_size, join=True)

@@ -1,0 +1,89 @@
+"""Configuration: layering, overrides and validation messages naming the field."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamm.config import ConfigError, TrainConfig, load_config, parse_overrides
+from megamm.engine import build_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_recipe_and_overrides_layer_in_order(tmp_path: Path) -> None:
+    assert load_config().model.text.hidden_size == TrainConfig().model.text.hidden_size
+    tiny = load_config("tiny")
+    assert tiny.model.text.hidden_size == 64  # from the recipe, not the default (128)
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("optim:\n  lr: 0.5\ntrain_steps: 7\n")
+    config = load_config(str(recipe), ["optim.lr=0.25", "optim.betas=[0.8, 0.9]", "model.text.num_layers=3"])
+    assert config.optim.lr == 0.25 and config.train_steps == 7
+    assert config.optim.betas == (0.8, 0.9) and config.model.text.num_layers == 3
+
+
+def test_parse_overrides_builds_nested_tree() -> None:
+    assert parse_overrides(["a.b.c=1", "a.d=x", "e=true"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": True}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["nonsense"])
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["model.text.hidden_size=100", "model.text.num_heads=3"], "model.text.hidden_size"),
+        (["parallel.tensor_parallel=3"], "model.text.num_heads"),
+        (["model.image.patch_size=5"], "model.image.image_size"),
+        (["data.image_size=64"], "data.image_size"),
+        (["model.text.vocab_size=255", "parallel.tensor_parallel=2"], "model.text.vocab_size"),
+        (["precision=fp8"], "precision"),
+        (["model.txt.hidden_size=8"], "model.txt"),
+        (["optim.lr=fast"], "optim.lr"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config("tiny", overrides)
+
+
+def test_world_size_must_divide_by_tensor_parallel() -> None:
+    config = load_config("tiny", ["parallel.tensor_parallel=2"])
+    assert config.parallel.data_parallel_size(4) == 2
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel=2"):
+        config.parallel.data_parallel_size(3)
+
+
+def test_ds_config_takes_batch_sizes_from_megamm_config() -> None:
+    config = load_config("tiny", ["micro_batch_size=8", "grad_accum_steps=3", "precision=bf16"])
+    ds = build_ds_config({"zero_optimization": {"stage": 1}}, config, dp_size=4)
+    assert ds["train_batch_size"] == 8 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["zero_optimization"]["stage"] == config.parallel.zero_stage and ds["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        build_ds_config({"train_batch_size": 64}, config, dp_size=4)
+
+
+@pytest.mark.parametrize(
+    "world, overrides, message",
+    [
+        ("3", ["parallel.tensor_parallel=2"], "world size 3 is not divisible by parallel.tensor_parallel=2"),
+        ("4", ["model.text.num_heads=3"], "model.text.hidden_size=64 is not divisible by model.text.num_heads=3"),
+    ],
+)
+def test_launcher_rejects_bad_config_before_any_process_group(world: str, overrides: list[str], message: str) -> None:
+    # No MASTER_ADDR and no rendezvous: had it tried to start a process group it would hang or fail differently.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE=world, RANK="0", LOCAL_RANK="0")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "tiny", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr

@@ -1,0 +1,176 @@
+"""Tensor/data-parallel building blocks against single-process references (gloo, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from megamm.config import load_config
+from megamm.model import MultiModalTransformer
+from megamm.model.heads import contrastive_loss
+from megamm.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
+from megamm.parallel import layout
+from tests.distributed import run_distributed
+
+ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Layout against DeepSpeed's own topology
+
+
+@pytest.mark.parametrize("world,tp,pp", [(4, 2, 1), (8, 2, 2), (8, 4, 1), (12, 2, 3), (6, 1, 2)])
+def test_layout_matches_deepspeed_topology(world: int, tp: int, pp: int) -> None:
+    dp = world // (tp * pp)
+    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    for rank in range(world):
+        coords = layout.rank_to_coords(rank, world, tp, pp)
+        ref = topo.get_coord(rank)
+        assert (coords.pp, coords.dp, coords.tp) == (ref.pipe, ref.data, ref.model)
+        assert layout.coords_to_rank(coords, world, tp, pp) == rank
+    for axis, size, ours in (
+        ("model", tp, layout.tensor_parallel_groups(world, tp, pp)),
+        ("data", dp, layout.data_parallel_groups(world, tp, pp)),
+        ("pipe", pp, layout.pipeline_parallel_groups(world, tp, pp)),
+    ):
+        if size > 1:  # DeepSpeed lists no groups for an axis of size 1
+            assert sorted(map(sorted, ours)) == sorted(map(sorted, topo.get_axis_comm_lists(axis))), axis
+
+
+def test_layout_rejects_indivisible_world() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        layout.rank_to_coords(0, 6, tp=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Column -> Row MLP, TP=2 vs the TP=1 reference
+
+
+def _mlp_parity(rank: int, world: int) -> None:
+    state = ParallelState.initialize(tensor_parallel=world)
+    hidden, ffn = 8, 16
+
+    def build(group):
+        torch.manual_seed(7)
+        return ColumnParallelLinear(hidden, ffn, group), RowParallelLinear(ffn, hidden, group)
+
+    ref_up, ref_down = build(None)
+    up, down = build(state.tp_group)
+    torch.manual_seed(11)
+    x = torch.randn(3, 5, hidden)
+    target = torch.randn(3, 5, hidden)
+
+    x_ref = x.clone().requires_grad_(True)
+    ref_out = ref_down(F.gelu(ref_up(x_ref)))
+    F.mse_loss(ref_out, target).backward()
+
+    x_tp = x.clone().requires_grad_(True)
+    out = down(F.gelu(up(x_tp)))
+    F.mse_loss(out, target).backward()
+
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(x_tp.grad, x_ref.grad, atol=ATOL, rtol=0)
+    rows = ffn // world
+    sl = slice(state.tp_rank * rows, (state.tp_rank + 1) * rows)
+    torch.testing.assert_close(up.weight.grad, ref_up.weight.grad[sl], atol=ATOL, rtol=0)
+    torch.testing.assert_close(up.bias.grad, ref_up.bias.grad[sl], atol=ATOL, rtol=0)
+    torch.testing.assert_close(down.weight.grad, ref_down.weight.grad[:, sl], atol=ATOL, rtol=0)
+    torch.testing.assert_close(down.bias.grad, ref_down.bias.grad, atol=ATOL, rtol=0)
+    assert up.weight.tensor_model_parallel and not hasattr(down.bias, "tensor_model_parallel")
+
+
+def test_column_row_mlp_tp2_matches_single_process(tmp_path) -> None:
+    run_distributed(_mlp_parity, 2, tmp_path)
+
+
+def _embedding_parity(rank: int, world: int) -> None:
+    state = ParallelState.initialize(tensor_parallel=world)
+    torch.manual_seed(3)
+    ref = VocabParallelEmbedding(16, 4, None)
+    torch.manual_seed(3)
+    emb = VocabParallelEmbedding(16, 4, state.tp_group)
+    ids = torch.tensor([[0, 5, 8, 15], [9, 7, 1, 12]])
+    out, ref_out = emb(ids), ref(ids)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    torch.testing.assert_close(emb.weight.grad, ref.weight.grad.chunk(world)[state.tp_rank], atol=ATOL, rtol=0)
+
+
+def test_vocab_parallel_embedding_tp2_matches_single_process(tmp_path) -> None:
+    run_distributed(_embedding_parity, 2, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive loss over the data-parallel group vs the naive global loss
+
+
+def _naive_clip_loss(images: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
+    images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    logits = scale * images @ texts.T
+    labels = torch.arange(images.shape[0])
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def _contrastive_parity(rank: int, world: int) -> None:
+    state = ParallelState.initialize(tensor_parallel=1)
+    torch.manual_seed(5)
+    global_images, global_texts = torch.randn(world * 4, 6), torch.randn(world * 4, 6)
+
+    ref_images = global_images.clone().requires_grad_(True)
+    ref_texts = global_texts.clone().requires_grad_(True)
+    ref_loss = _naive_clip_loss(ref_images, ref_texts, 10.0)
+    ref_loss.backward()
+
+    rows = slice(rank * 4, (rank + 1) * 4)
+    images = global_images[rows].clone().requires_grad_(True)
+    texts = global_texts[rows].clone().requires_grad_(True)
+    loss = contrastive_loss(F.normalize(images, dim=-1), F.normalize(texts, dim=-1), torch.tensor(10.0), state.dp_group)
+    loss.backward()
+
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    torch.testing.assert_close(mean_loss / world, ref_loss.detach(), atol=ATOL, rtol=0)
+    # Data-parallel training averages gradients over ranks: (1/dp) * local grad == global grad.
+    torch.testing.assert_close(images.grad / world, ref_images.grad[rows], atol=ATOL, rtol=0)
+    torch.testing.assert_close(texts.grad / world, ref_texts.grad[rows], atol=ATOL, rtol=0)
+
+
+def test_contrastive_loss_dp2_matches_global_loss(tmp_path) -> None:
+    run_distributed(_contrastive_parity, 2, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model, TP=2 vs TP=1
+
+
+def _model_parity(rank: int, world: int) -> None:
+    config = load_config("tiny", ["parallel.tensor_parallel=2"]).model
+    state = ParallelState.initialize(tensor_parallel=world)
+    torch.manual_seed(1)
+    reference = MultiModalTransformer(config, ParallelState.single())
+    torch.manual_seed(1)
+    model = MultiModalTransformer(config, state)
+    generator = torch.Generator().manual_seed(2)
+    image = torch.randn(4, 3, config.image.image_size, config.image.image_size, generator=generator)
+    ids = torch.randint(0, config.text.vocab_size, (4, config.text.max_length), generator=generator)
+    mask = torch.arange(config.text.max_length)[None, :] < torch.tensor([[5], [9], [3], [12]])
+
+    ref_loss = reference(image, ids, mask)["loss"]
+    loss = model(image, ids, mask)["loss"]
+    ref_loss.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=0)
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        ref_grad = ref_params[name].grad
+        if getattr(param, "tensor_model_parallel", False):
+            ref_grad = ref_grad.chunk(world, dim=param.partition_dim)[state.tp_rank]
+        torch.testing.assert_close(param.grad, ref_grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_multimodal_model_tp2_matches_single_process(tmp_path) -> None:
+    run_distributed(_model_parity, 2, tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -214,6 +215,8 @@ def resolve_resume(resume: str, checkpoint_dir: str) -> Optional[Path]:
 
 
 def _setup_logging(rank: int) -> None:
+    # DeepSpeed calls these torch collectives under their old names on every step.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(message)s",

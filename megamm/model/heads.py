@@ -47,7 +47,7 @@ class ContrastiveHead(nn.Module):
 
     def __init__(self, logit_scale_init: float, logit_scale_max: float, dp_group: ProcessGroup) -> None:
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))  # (1,): DeepSpeed rejects 0-dim
         self.logit_scale_max = logit_scale_max
         self.dp_group = dp_group
 

@@ -1,0 +1,42 @@
+"""Data for megamm: shard discovery, tokenizer, the synthetic demo dataset and the loaders.
+
+This package depends only on ``megamm.config``, the standard library, numpy, torch, PIL,
+webdataset and sentencepiece.
+"""
+
+from megamm.data.demo import COLOURS, MAX_EVAL_SAMPLES, POSITIONS, SHAPES, iter_captions, write_demo_dataset
+from megamm.data.pipeline import (
+    IMAGE_EXTENSIONS,
+    Batch,
+    build_train_loader,
+    decode_image,
+    images_to_tensor,
+    iter_eval_batches,
+)
+from megamm.data.shards import atomic_output, brace_expand, expand_shards, iter_tar_samples
+from megamm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+
+__all__ = [
+    "BOS_ID",
+    "COLOURS",
+    "EOS_ID",
+    "IMAGE_EXTENSIONS",
+    "MAX_EVAL_SAMPLES",
+    "PAD_ID",
+    "POSITIONS",
+    "SHAPES",
+    "UNK_ID",
+    "Batch",
+    "Tokenizer",
+    "atomic_output",
+    "brace_expand",
+    "build_train_loader",
+    "decode_image",
+    "expand_shards",
+    "images_to_tensor",
+    "iter_captions",
+    "iter_eval_batches",
+    "iter_tar_samples",
+    "train_tokenizer",
+    "write_demo_dataset",
+]

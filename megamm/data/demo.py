@@ -1,0 +1,425 @@
+"""A synthetic, learnable image-caption dataset written as WebDataset shards.
+
+Every image shows one coloured shape on a dark, noisy background. The caption names the
+shape's colour, kind and position (with varied wording and synonyms), so a contrastive model can
+learn to match them. Layout written by :func:`write_demo_dataset`::
+
+    out_dir/train/shard-000000.tar ...   samples train-000000, train-000001, ...
+    out_dir/eval/shard-000000.tar        samples eval-000000, ... (each attribute combination once)
+    out_dir/manifest.json                counts and parameters, written last
+
+Each sample has ``png`` (RGB image), ``txt`` (caption) and ``json`` (attributes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from megamm.data.shards import atomic_output, iter_tar_samples
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "green": (35, 200, 55),
+    "blue": (45, 85, 245),
+    "yellow": (240, 225, 40),
+    "cyan": (35, 215, 225),
+    "magenta": (215, 45, 220),
+    "white": (240, 240, 240),
+    "orange": (250, 135, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+POSITIONS: dict[str, tuple[float, float]] = {
+    # (x, y) of the shape's centre as a fraction of the image side.
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+MAX_EVAL_SAMPLES = len(COLOURS) * len(SHAPES) * len(POSITIONS)
+
+_SHAPE_WORDS: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "disc", "round dot"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "cross": ("cross", "plus sign"),
+}
+_WHERE: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "on the left side", "at the left of the image", "in the left half"),
+    "right": ("on the right", "on the right side", "at the right of the image", "in the right half"),
+    "top": ("at the top", "near the top of the image", "in the upper part", "in the top half"),
+    "bottom": ("at the bottom", "near the bottom of the image", "in the lower part", "in the bottom half"),
+    "center": (
+        "in the center", "in the middle", "at the center of the image", "in the middle of the picture"
+    ),
+}
+_LABELS: dict[str, tuple[str, ...]] = {
+    "left": ("left",),
+    "right": ("right",),
+    "top": ("top", "upper"),
+    "bottom": ("bottom", "lower"),
+    "center": ("center", "middle"),
+}
+_SIZE_WORDS: dict[str, tuple[str, ...]] = {
+    "small": ("small", "little", "tiny"),
+    "medium": ("",),
+    "large": ("large", "big"),
+}
+_TEMPLATES: tuple[str, ...] = (
+    "{a_obj} {where}",
+    "there is {a_obj} {where}",
+    "{label}: {a_obj}",
+    "an image of {a_obj} {where}",
+    "{a_obj} {where} on a dark background",
+    "the {shape} {where} is {colour}",
+    "{where}, {a_obj}",
+    "a picture showing {a_obj} {where}",
+)
+
+_RADIUS = 0.16  # shape half-extent as a fraction of the image side, before size jitter
+_SCALE_RANGE = (0.8, 1.2)
+_CENTRE_JITTER = 0.05  # fraction of the image side
+_COLOUR_JITTER = 18
+_BACKGROUND_MAX = 56  # background pixels are uniform in [0, _BACKGROUND_MAX)
+
+
+class _ShardRng:
+    """Random sources of one shard: numpy for pixel arrays, Python's Random for scalar choices.
+
+    Both are derived from ``(seed, *stream)`` only, so every shard is reproducible on its own.
+    """
+
+    def __init__(self, seed: int, *stream: int) -> None:
+        array_seed, scalar_seed = np.random.SeedSequence([seed % 2**64, *stream]).spawn(2)
+        self.arrays = np.random.default_rng(array_seed)
+        self.scalars = random.Random(int(scalar_seed.generate_state(1, np.uint64)[0]))
+
+
+def _size_class(scale: float) -> str:
+    if scale < 0.9:
+        return "small"
+    if scale > 1.1:
+        return "large"
+    return "medium"
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def make_caption(rng: random.Random, colour: str, shape: str, position: str, size: str) -> str:
+    """A random wording of the attributes; every wording names colour, shape and position."""
+    shape_word = rng.choice(_SHAPE_WORDS[shape])
+    size_word = rng.choice(_SIZE_WORDS[size]) if rng.random() < 0.7 else ""
+    obj = " ".join(w for w in (size_word, colour, shape_word) if w)
+    return rng.choice(_TEMPLATES).format(
+        a_obj=_with_article(obj),
+        where=rng.choice(_WHERE[position]),
+        label=rng.choice(_LABELS[position]),
+        shape=shape_word,
+        colour=colour,
+    )
+
+
+def _shape_mask(size: int, shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """(H, W) bool: pixels covered by the shape."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "square":
+        h = r * 0.9  # about the circle's area
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=255)
+    elif shape == "cross":
+        t = max(r * 0.35, 1.0)
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=255)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+    return np.asarray(mask) > 0
+
+
+def render_image(
+    rng: random.Random, noise: np.ndarray, colour: str, shape: str, position: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Draw one image; returns (H, W, 3) uint8 pixels and the attributes actually drawn.
+
+    Args:
+        rng: source of the size, position and colour jitter.
+        noise: (H, W, 3) uint8 dark background; pixel noise for the shape is taken from it too.
+    """
+    size = noise.shape[0]
+    scale = rng.uniform(*_SCALE_RANGE)
+    fx, fy = POSITIONS[position]
+    cx = (fx + rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER)) * size
+    cy = (fy + rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER)) * size
+    rgb = [min(255, max(0, c + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for c in COLOURS[colour]]
+    mask = _shape_mask(size, shape, cx, cy, _RADIUS * scale * size)  # (H, W)
+    # Shape pixels: the colour plus zero-mean noise of +-_BACKGROUND_MAX/2 scaled down.
+    shaded = np.asarray(rgb, dtype=np.int16) + (noise.astype(np.int16) - _BACKGROUND_MAX // 2) // 3
+    pixels = np.where(mask[..., None], np.clip(shaded, 0, 255), noise).astype(np.uint8)  # (H, W, 3)
+    attributes = {
+        "colour": colour,
+        "shape": shape,
+        "position": position,
+        "size": _size_class(scale),
+        "scale": round(scale, 4),
+        "center_xy": [round(cx, 2), round(cy, 2)],
+        "rgb": rgb,
+    }
+    return pixels, attributes
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def make_sample(
+    rng: random.Random, noise: np.ndarray, key: str, colour: str, shape: str, position: str
+) -> dict[str, Any]:
+    """A WebDataset sample ``{"__key__", "png", "txt", "json"}`` with bytes values.
+
+    ``noise`` is the (H, W, 3) uint8 background; see :func:`render_image`.
+    """
+    pixels, attributes = render_image(rng, noise, colour, shape, position)
+    caption = make_caption(rng, colour, shape, position, attributes["size"])
+    attributes["caption"] = caption
+    return {
+        "__key__": key,
+        "png": _png_bytes(pixels),
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps(attributes, sort_keys=True).encode("utf-8"),
+    }
+
+
+def _backgrounds(rng: _ShardRng, count: int, image_size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 dark noisy backgrounds, drawn in one call for speed."""
+    return rng.arrays.integers(0, _BACKGROUND_MAX, (count, image_size, image_size, 3), dtype=np.uint8)
+
+
+def _write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
+    """Write samples to ``path`` atomically; returns how many were written."""
+    count = 0
+    with atomic_output(path) as handle:
+        # Integer mtime keeps plain ustar headers (a float adds a pax header per member).
+        with wds.TarWriter(handle, encoder=False, mtime=0, mode=0o644) as writer:  # type: ignore[arg-type]
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+    return count
+
+
+def _train_samples(
+    seed: int, shard: int, samples_per_shard: int, image_size: int
+) -> Iterator[dict[str, Any]]:
+    rng = _ShardRng(seed, 0, shard)
+    backgrounds = _backgrounds(rng, samples_per_shard, image_size)
+    colours, positions = list(COLOURS), list(POSITIONS)
+    for i in range(samples_per_shard):
+        colour = rng.scalars.choice(colours)
+        shape = rng.scalars.choice(SHAPES)
+        position = rng.scalars.choice(positions)
+        key = f"train-{shard * samples_per_shard + i:06d}"
+        yield make_sample(rng.scalars, backgrounds[i], key, colour, shape, position)
+
+
+def _eval_samples(seed: int, count: int, image_size: int) -> Iterator[dict[str, Any]]:
+    """``count`` samples, each (colour, shape, position) at most once, with their own RNG stream."""
+    rng = _ShardRng(seed, 1)
+    backgrounds = _backgrounds(rng, count, image_size)
+    combos = list(itertools.product(COLOURS, SHAPES, POSITIONS))
+    rng.scalars.shuffle(combos)
+    for i, (colour, shape, position) in enumerate(combos[:count]):
+        yield make_sample(rng.scalars, backgrounds[i], f"eval-{i:06d}", colour, shape, position)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardJob:
+    """One shard to write: ``split`` is "train" (shard ``index``) or "eval"."""
+
+    path: Path
+    split: str
+    index: int
+    count: int
+    image_size: int
+    seed: int
+
+    def run(self) -> int:
+        if self.split == "train":
+            samples = _train_samples(self.seed, self.index, self.count, self.image_size)
+        else:
+            samples = _eval_samples(self.seed, self.count, self.image_size)
+        return _write_shard(self.path, samples)
+
+
+def _run_job(job: _ShardJob) -> int:
+    return job.run()
+
+
+def _run_jobs(jobs: list[_ShardJob], workers: int) -> list[int]:
+    """Run shard jobs, in forked processes where available; returns the sample counts."""
+    workers = min(workers, len(jobs))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [job.run() for job in jobs]
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_run_job, jobs))
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def _remove_stale_shards(directory: Path, keep: set[str]) -> None:
+    """Delete ``shard-NNNNNN.tar`` files left by an earlier, larger generation."""
+    for path in directory.glob("shard-*.tar"):
+        if re.fullmatch(r"shard-\d{6}\.tar", path.name) and path.name not in keep:
+            path.unlink()
+
+
+def _read_reusable_manifest(manifest_path: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest if it was written with ``params`` and all its shards exist."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("params") != params:
+        return None
+    root = manifest_path.parent
+    for split in ("train", "eval"):
+        entry = manifest.get(split)
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not shards or not all((root / str(rel)).is_file() for rel in shards):
+            return None
+    return manifest
+
+
+def _validate_params(train_shards: int, samples_per_shard: int, eval_samples: int, image_size: int) -> None:
+    if train_shards < 1:
+        raise ValueError(f"train_shards={train_shards} must be >= 1")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+    if not 1 <= eval_samples <= MAX_EVAL_SAMPLES:
+        raise ValueError(
+            f"eval_samples={eval_samples} must be in [1, {MAX_EVAL_SAMPLES}]: the eval split holds each "
+            f"(colour, shape, position) combination at most once"
+        )
+    if image_size < 8:
+        raise ValueError(f"image_size={image_size} must be >= 8 to draw recognisable shapes")
+
+
+def write_demo_dataset(
+    out_dir: str | Path,
+    train_shards: int = 8,
+    samples_per_shard: int = 1024,
+    eval_samples: int = 160,
+    image_size: int = 32,
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Write the synthetic dataset under ``out_dir``, or reuse an identical earlier one.
+
+    The output is a pure function of the arguments. ``manifest.json`` is written last, so an
+    interrupted run is regenerated by the next call; if it already exists with the same
+    parameters and all its shards are present, nothing is written.
+
+    Args:
+        workers: processes writing shards in parallel (default: one per CPU); the output does
+            not depend on it.
+
+    Returns:
+        The manifest (``params``, ``train``/``eval`` with ``pattern``, ``shards`` relative to
+        ``out_dir`` and ``samples``, ``attributes``) plus ``reused``: whether it was reused.
+    """
+    _validate_params(train_shards, samples_per_shard, eval_samples, image_size)
+    root = Path(out_dir)
+    manifest_path = root / "manifest.json"
+    params = {
+        "format_version": FORMAT_VERSION,
+        "train_shards": train_shards,
+        "samples_per_shard": samples_per_shard,
+        "eval_samples": eval_samples,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    existing = _read_reusable_manifest(manifest_path, params)
+    if existing is not None:
+        return {**existing, "reused": True}
+
+    manifest_path.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    train_names = [_shard_name(i) for i in range(train_shards)]
+    jobs = [
+        _ShardJob(root / "eval" / _shard_name(0), "eval", 0, eval_samples, image_size, seed),
+        *(
+            _ShardJob(root / "train" / name, "train", i, samples_per_shard, image_size, seed)
+            for i, name in enumerate(train_names)
+        ),
+    ]
+    eval_count = _run_jobs(jobs, workers or os.cpu_count() or 1)[0]
+    _remove_stale_shards(root / "train", set(train_names))
+    _remove_stale_shards(root / "eval", {_shard_name(0)})
+
+    manifest: dict[str, Any] = {
+        "params": params,
+        "train": {
+            "pattern": f"train/shard-{{000000..{train_shards - 1:06d}}}.tar",
+            "shards": [f"train/{name}" for name in train_names],
+            "samples": train_shards * samples_per_shard,
+        },
+        "eval": {
+            "pattern": "eval/shard-{000000..000000}.tar",
+            "shards": [f"eval/{_shard_name(0)}"],
+            "samples": eval_count,
+        },
+        "attributes": {"colours": list(COLOURS), "shapes": list(SHAPES), "positions": list(POSITIONS)},
+    }
+    with atomic_output(manifest_path) as handle:
+        handle.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    return {**manifest, "reused": False}
+
+
+def iter_captions(shard_paths: Iterable[str | Path]) -> Iterator[str]:
+    """Captions (``txt``) of every sample in the shards, in file order; unreadable ones skipped."""
+    skipped = 0
+
+    def handler(exn: Exception) -> bool:
+        nonlocal skipped
+        skipped += 1
+        logger.warning("skipping unreadable tar data: %s", exn)
+        return True
+
+    for sample in iter_tar_samples(shard_paths, handler):
+        try:
+            caption = bytes(sample["txt"]).decode("utf-8").strip()
+        except (KeyError, UnicodeDecodeError):
+            caption = ""
+        if caption:
+            yield caption
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning("iter_captions: %d samples or tar members without a usable caption", skipped)

@@ -1,0 +1,220 @@
+"""Shard files: resolving a specification, reading samples, writing files atomically.
+
+A shard specification (``data.train_shards``, ``data.eval_shards``) is one of, or a comma-separated list of:
+
+* a brace pattern: ``data/train/shard-{000000..000007}.tar`` or ``data/{a,b}.tar``,
+* a glob: ``data/train/*.tar``,
+* a directory: every ``*.tar`` directly inside it,
+* a plain file path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
+
+from webdataset import tariterators
+
+from megamm.config import ConfigError
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+_FIX_HINT = "run tools/make_demo_data.py or fix the path"
+
+
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split ``text`` on ``sep`` where it is not inside braces."""
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for char in text:
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        if char == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _matching_brace(text: str, start: int) -> int:
+    """Index of the ``}`` closing the ``{`` at ``start`` (braces must be balanced)."""
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+    raise ValueError(f"unbalanced '{{' in {text!r}")
+
+
+def _numeric_range(body: str) -> list[str] | None:
+    """``000..007`` -> zero-padded numbers; None if ``body`` is not a numeric range."""
+    match = _RANGE.match(body)
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    start, stop = int(first), int(last)
+    padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in (first, last))
+    width = max(len(first), len(last)) if padded else 0
+    step = 1 if stop >= start else -1
+    return [str(n).zfill(width) for n in range(start, stop + step, step)]
+
+
+def _check_balanced(pattern: str) -> None:
+    depth = 0
+    for char in pattern:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth < 0:
+            raise ValueError(f"unbalanced '}}' in {pattern!r}")
+    if depth:
+        raise ValueError(f"unbalanced '{{' in {pattern!r}")
+
+
+def _expand_balanced(pattern: str) -> list[str]:
+    search_from = 0
+    while True:
+        start = pattern.find("{", search_from)
+        if start < 0:
+            return [pattern]
+        end = _matching_brace(pattern, start)
+        body = pattern[start + 1 : end]
+        alternatives = _numeric_range(body)
+        if alternatives is None:
+            parts = _split_top_level(body)
+            alternatives = parts if len(parts) > 1 else None
+        if alternatives is None:
+            search_from = start + 1  # literal braces: look for the next group
+            continue
+        prefix, suffix = pattern[:start], pattern[end + 1 :]
+        tails = _expand_balanced(suffix)
+        return [
+            prefix + middle + tail
+            for alternative in alternatives
+            for middle in _expand_balanced(alternative)
+            for tail in tails
+        ]
+
+
+def brace_expand(pattern: str) -> list[str]:
+    """Expand shell-style braces: ``a{0..2}b`` -> ``[a0b, a1b, a2b]``, ``{x,y}`` -> ``[x, y]``.
+
+    Ranges keep zero padding (``{000..002}``); groups may nest. A brace group without a comma
+    or range (``{x}``) is kept literally, as in bash.
+
+    Raises:
+        ValueError: the braces are unbalanced.
+    """
+    _check_balanced(pattern)
+    return _expand_balanced(pattern)
+
+
+def _expand_one(item: str, spec: str, field_name: str) -> list[str]:
+    """Existing .tar paths for one (brace-free) item of a specification."""
+    path = os.path.expanduser(item)
+    if os.path.isdir(path):
+        found = sorted(str(p) for p in Path(path).glob("*.tar") if p.is_file())
+        if not found:
+            raise ConfigError(
+                f"{field_name}={spec!r}: directory {path!r} contains no .tar shards; {_FIX_HINT}"
+            )
+        return found
+    if _GLOB_CHARS.search(path):
+        found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+        if not found:
+            raise ConfigError(f"{field_name}={spec!r}: {item!r} matched no files; {_FIX_HINT}")
+        return found
+    if not os.path.isfile(path):
+        raise ConfigError(f"{field_name}={spec!r}: shard {path!r} does not exist; {_FIX_HINT}")
+    return [path]
+
+
+def expand_shards(spec: str, field_name: str) -> list[str]:
+    """All shard files named by ``spec``, sorted and de-duplicated.
+
+    Args:
+        spec: brace pattern, glob, directory, file, or a comma-separated list of these.
+        field_name: the config field the spec came from (``data.train_shards``), used in errors.
+
+    Returns:
+        Paths of existing files, sorted, each listed once.
+
+    Raises:
+        ConfigError: (a ValueError) the spec is empty or malformed, or names a file, glob or
+            directory that yields nothing; the message names ``field_name`` and the fix.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"{field_name} is empty; set it to the training shards, e.g. "
+                          f"'demo_data/train/shard-{{000000..000007}}.tar'")
+    paths: set[str] = set()
+    for part in _split_top_level(spec):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            items = brace_expand(part)
+        except ValueError as err:
+            raise ConfigError(f"{field_name}={spec!r}: {err}; fix the brace pattern") from None
+        for item in items:
+            paths.update(os.path.normpath(p) for p in _expand_one(item, spec, field_name))
+    if not paths:
+        raise ConfigError(f"{field_name}={spec!r} matched no files; {_FIX_HINT}")
+    return sorted(paths)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file next to ``path`` for binary writing; on success move it onto ``path``.
+
+    Readers never see a partly written file, and an existing ``path`` is untouched if the
+    block raises. The parent directory is created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            yield handle
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _open_shards(
+    paths: Iterable[str | Path], handler: Callable[[Exception], bool]
+) -> Iterator[dict[str, Any]]:
+    """``{"url", "stream"}`` per shard; each file is closed once the next one is requested."""
+    for path in paths:
+        try:
+            handle = open(path, "rb")
+        except OSError as err:
+            if handler(err):
+                continue
+            return
+        with handle:
+            yield {"url": str(path), "stream": handle}
+
+
+def iter_tar_samples(
+    paths: Iterable[str | Path], handler: Callable[[Exception], bool]
+) -> Iterator[dict[str, Any]]:
+    """WebDataset samples (``{"__key__", "__url__", ext: bytes, ...}``) of the shards, in order.
+
+    ``handler`` gets every error (unreadable file, broken tar member, duplicate member) and
+    returns True to skip past it or False to stop.
+    """
+    files = tariterators.tar_file_expander(_open_shards(paths, handler), handler=handler)
+    return tariterators.group_by_keys(files, handler=handler)

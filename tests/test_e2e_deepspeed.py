@@ -1,0 +1,102 @@
+"""End to end through the real `deepspeed` launcher: 4 ranks, TP=2 x DP=2, ZeRO-3, on CPU.
+
+Checks the TensorBoard event file (read back with tensorboard's EventAccumulator), the
+checkpoints, and that a run resumed from a mid-run checkpoint reproduces the uninterrupted
+run's losses step for step (model, optimizer, LR schedule and data position restored).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megamm.data import iter_captions, train_tokenizer, write_demo_dataset
+from megamm.engine import complete_checkpoints
+from tests.launch import deepspeed_command, run
+
+STEPS = 20
+
+
+def _losses(tensorboard_dir: Path) -> dict[int, float]:
+    accumulator = EventAccumulator(str(tensorboard_dir))
+    accumulator.Reload()
+    return {event.step: event.value for event in accumulator.Scalars("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, train_shards=4, samples_per_shard=96, eval_samples=48, image_size=32, seed=0)
+    tokenizer = train_tokenizer(iter_captions(sorted(str(p) for p in (root / "train").glob("*.tar"))), root / "tok.model", 256)
+    return {
+        "data.train_shards": str(root / "train"),
+        "data.eval_shards": str(root / "eval"),
+        "data.tokenizer": str(tokenizer),
+    }
+
+
+def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
+    overrides = {
+        **data,
+        "parallel.tensor_parallel": "2",
+        "micro_batch_size": "8",
+        "train_steps": str(STEPS),
+        "optim.warmup_steps": "5",
+        "logging.log_interval": "1",
+        "checkpoint.save_interval": "10",
+        "checkpoint.keep_last": "5",
+        "checkpoint.dir": str(run_dir / "checkpoints"),
+        "logging.tensorboard_dir": str(run_dir / "tensorboard"),
+    }
+    args = ["--config", "tiny", "--resume", resume, *(f"{k}={v}" for k, v in overrides.items())]
+    result = run(deepspeed_command(4, args), run_dir.with_suffix(".log"))
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result
+
+
+def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    result = _train(data, full)
+    assert "tp=2 dp=2 zero=3" in result.stdout
+    assert "text->image R@1" in result.stdout
+
+    losses = _losses(full / "tensorboard")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(0 < value < 10 for value in losses.values())
+    steps = [step for step, _ in complete_checkpoints(full / "checkpoints")]
+    assert steps == [10, 20]
+    # ZeRO-3 writes one optimizer/parameter shard per data-parallel rank and TP rank.
+    shards = list((full / "checkpoints/global_step10").glob("*optim_states.pt"))
+    assert len(shards) == 4, shards
+
+    # Pretend the run died after step 10: keep only that checkpoint, resume into a fresh log dir.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints/global_step10", resumed / "checkpoints/global_step10")
+    result = _train(data, resumed, resume="auto")
+    assert "resumed from" in result.stdout and "at step 10" in result.stdout
+    resumed_losses = _losses(resumed / "tensorboard")
+    assert sorted(resumed_losses) == list(range(11, STEPS + 1))
+    for step, value in resumed_losses.items():
+        assert value == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(data: dict[str, str], tmp_path: Path) -> None:
+    # A complete-looking checkpoint directory must stop a --resume none run before any rank starts.
+    checkpoint = tmp_path / "run/checkpoints/global_step10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "megamm_complete.json").write_text('{"step": 10}')
+    result = run(
+        deepspeed_command(
+            2,
+            ["--config", "tiny", "--resume", "none", f"checkpoint.dir={tmp_path / 'run/checkpoints'}"]
+            + [f"{k}={v}" for k, v in data.items()],
+        ),
+        tmp_path / "refuse.log",
+    )
+    assert result.returncode != 0
+    assert "already holds checkpoints" in result.stdout
+    assert (checkpoint / "megamm_complete.json").read_text() == '{"step": 10}'

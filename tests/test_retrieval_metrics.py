@@ -1,0 +1,38 @@
+"""Recall@K against a naive per-query loop."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megamm.evaluation import retrieval_metrics
+from megamm.evaluation.retrieval import recall_at_k
+
+
+def _naive_recall(similarity: torch.Tensor, k: int) -> float:
+    hits = 0
+    for query in range(similarity.shape[0]):
+        order = sorted(range(similarity.shape[1]), key=lambda item: (-similarity[query, item].item(), item == query))
+        hits += query in order[:k]
+    return hits / similarity.shape[0]
+
+
+def test_recall_matches_naive_ranking() -> None:
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(37, 37, generator=generator)
+    similarity += 1.5 * torch.eye(37)
+    got = recall_at_k(similarity, (1, 5, 10))
+    for k in (1, 5, 10):
+        assert abs(got[k] - _naive_recall(similarity, k)) < 1e-6
+
+
+def test_ties_count_against_the_query() -> None:
+    assert recall_at_k(torch.ones(4, 4), (1, 4)) == {1: 0.0, 4: 1.0}
+
+
+def test_perfect_and_shuffled_embeddings() -> None:
+    embeddings = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    perfect = retrieval_metrics(embeddings, embeddings)
+    assert perfect["text_to_image_R@1"] == 1.0 and perfect["image_to_text_R@1"] == 1.0
+    shifted = retrieval_metrics(embeddings, embeddings.roll(1, dims=0), ks=(1,))
+    assert shifted["text_to_image_R@1"] == 0.0

@@ -19,10 +19,11 @@ import torch.distributed as dist
 import yaml
 
 from megamm.config import ConfigError, TrainConfig, to_dict
-from megamm.data import Tokenizer, build_train_loader, iter_eval_batches
+from megamm.data import Batch, Tokenizer, build_train_loader, iter_eval_batches
 from megamm.engine import (
     build_ds_config,
     build_engine,
+    check_layout,
     device,
     init_distributed,
     latest_complete,
@@ -36,8 +37,6 @@ from megamm.model import MultiModalTransformer
 from megamm.parallel import ParallelState
 
 log = logging.getLogger("megamm")
-
-Batch = dict[str, Any]
 
 
 @dataclass
@@ -185,11 +184,21 @@ class Trainer:
     def save(self) -> Path:
         client_state = {"train_state": asdict(self.state), "config": to_dict(self.config)}
         path = save_checkpoint(
-            self.engine, self.config.checkpoint.dir, self.state.step, client_state, self.config.checkpoint.keep_last
+            self.engine,
+            self.config.checkpoint.dir,
+            self.state.step,
+            client_state,
+            self.config.checkpoint.keep_last,
+            parallel_layout(self.parallel.world_size, self.parallel.tp_size, self.parallel.dp_size),
         )
         self.writer.flush()
         log.info("saved checkpoint %s", path)
         return path
+
+
+def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int) -> dict[str, int]:
+    """The parallel sizes a checkpoint is tied to."""
+    return {"world_size": world_size, "tensor_parallel": tensor_parallel, "data_parallel": data_parallel}
 
 
 def resolve_resume(resume: str, checkpoint_dir: str) -> Optional[Path]:
@@ -237,6 +246,11 @@ def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "aut
             f"{config.model.text.vocab_size}; raise model.text.vocab_size to at least that"
         )
     checkpoint = resolve_resume(resume, config.checkpoint.dir)
+    if checkpoint is not None:
+        try:
+            check_layout(checkpoint, parallel_layout(world_size, config.parallel.tensor_parallel, dp_size))
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from None
 
     init_distributed()
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)

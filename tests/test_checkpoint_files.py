@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from megamm.config import ConfigError
-from megamm.engine.checkpoint import MARKER, _prune, complete_checkpoints, latest_complete
+from megamm.engine.checkpoint import MARKER, _prune, check_layout, complete_checkpoints, latest_complete
 from megamm.train import resolve_resume
 
 
@@ -50,3 +51,13 @@ def test_resolve_resume(tmp_path: Path) -> None:
         resolve_resume("none", str(tmp_path))
     with pytest.raises(ConfigError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_resume_with_another_parallel_layout_is_refused(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path, 10, complete=False)
+    (path / MARKER).write_text(json.dumps({"step": 10, "world_size": 4, "tensor_parallel": 2, "data_parallel": 2}))
+    check_layout(path, {"world_size": 4, "tensor_parallel": 2, "data_parallel": 2})
+    with pytest.raises(ValueError, match="tensor_parallel 2 -> 1, data_parallel 2 -> 4"):
+        check_layout(path, {"world_size": 4, "tensor_parallel": 1, "data_parallel": 4})
+    with pytest.raises(FileNotFoundError, match="not a complete megamm checkpoint"):
+        check_layout(_checkpoint(tmp_path, 20, complete=False), {"world_size": 1})

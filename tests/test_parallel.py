@@ -174,3 +174,38 @@ def _model_parity(rank: int, world: int) -> None:
 
 def test_multimodal_model_tp2_matches_single_process(tmp_path) -> None:
     run_distributed(_model_parity, 2, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# An independent implementation as oracle: fairscale's Megatron-style model-parallel layers
+
+
+def _fairscale_parity(rank: int, world: int) -> None:
+    from fairscale.nn.model_parallel import initialize as fs_initialize
+    from fairscale.nn.model_parallel import layers as fs_layers
+
+    fs_initialize.initialize_model_parallel(world)
+    state = ParallelState.initialize(tensor_parallel=world)
+    hidden, ffn = 8, 12
+
+    def build(column_cls, row_cls, **group):
+        torch.manual_seed(21)
+        init = lambda weight: torch.nn.init.normal_(weight, std=0.3)  # noqa: E731
+        return column_cls(hidden, ffn, init_method=init, **group), row_cls(ffn, hidden, init_method=init, **group)
+
+    fs_up, fs_down = build(fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear)
+    up, down = build(ColumnParallelLinear, RowParallelLinear, group=state.tp_group)
+    torch.manual_seed(4)
+    x = torch.randn(6, hidden)
+    outputs = []
+    for first, second in ((fs_up, fs_down), (up, down)):
+        inp = x.clone().requires_grad_(True)
+        out = second(torch.tanh(first(inp)))
+        out.pow(2).sum().backward()
+        outputs.append((out, inp.grad, first.weight.grad, second.weight.grad, first.bias.grad))
+    for ours, theirs in zip(outputs[1], outputs[0]):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_column_row_tp2_match_fairscale(tmp_path) -> None:
+    run_distributed(_fairscale_parity, 2, tmp_path)

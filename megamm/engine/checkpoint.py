@@ -54,15 +54,26 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def save_checkpoint(engine: Any, directory: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save_checkpoint(
+    engine: Any,
+    directory: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    layout: dict[str, int],
+) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    ``layout`` (parallel sizes) goes into the completion marker, so that a resume with a
+    different layout is refused before DeepSpeed tries to load mismatched shards.
+    """
     directory = Path(directory)
     tag = tag_for_step(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
     dist.barrier()  # every rank's shards are on disk
     path = directory / tag
     if dist.get_rank() == 0:
-        _write_json_atomic(path / MARKER, {"step": step, "world_size": dist.get_world_size()})
+        _write_json_atomic(path / MARKER, {"step": step, **layout})
         _prune(directory, keep_last)
     dist.barrier()
     return path
@@ -75,14 +86,33 @@ def _prune(directory: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
-    """Load model, optimizer and scheduler state from a complete checkpoint; return client state."""
-    path = Path(path)
-    if not (path / MARKER).is_file():
+def read_marker(path: str | Path) -> dict[str, Any]:
+    """The completion marker of checkpoint ``path`` (step and parallel layout)."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
         raise FileNotFoundError(
             f"{path} is not a complete megamm checkpoint (no {MARKER}); pass --resume auto to pick "
             "the newest complete one"
         )
+    return json.loads(marker.read_text())
+
+
+def check_layout(path: str | Path, layout: dict[str, int]) -> None:
+    """Raise if checkpoint ``path`` was written with other parallel sizes than ``layout``."""
+    saved = read_marker(path)
+    differing = {key: (saved.get(key), value) for key, value in layout.items() if saved.get(key) != value}
+    if differing:
+        details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differing.items())
+        raise ValueError(
+            f"checkpoint {path} was written with another parallel layout ({details}); resume with "
+            "the layout it was saved with (re-sharding a checkpoint is not supported yet)"
+        )
+
+
+def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
+    """Load model, optimizer and scheduler state from a complete checkpoint; return client state."""
+    path = Path(path)
+    read_marker(path)
     load_path, client_state = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )

@@ -14,9 +14,9 @@ def init_distributed() -> None:
 
     A plain ``python launchers/pretrain.py`` without launcher variables runs as a world of one.
     """
-    for name, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", None)):
-        if default is not None:
-            os.environ.setdefault(name, default)
+    for name in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(name, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
     if "MASTER_ADDR" not in os.environ and os.environ["WORLD_SIZE"] == "1":
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ.setdefault("MASTER_PORT", "29555")

@@ -16,6 +16,7 @@ setup(
         "torch>=2.3",
         "deepspeed>=0.19,<0.20",
         "webdataset>=1.0,<2",
+        "braceexpand>=0.1.7",
         "sentencepiece>=0.2",
         "tensorboard>=2.16",
         "Pillow>=10",

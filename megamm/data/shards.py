@@ -18,12 +18,12 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+from braceexpand import braceexpand
 from webdataset import tariterators
 
 from megamm.config import ConfigError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 _FIX_HINT = "run tools/make_demo_data.py or fix the path"
 
@@ -47,67 +47,6 @@ def _split_top_level(text: str, sep: str = ",") -> list[str]:
     return parts
 
 
-def _matching_brace(text: str, start: int) -> int:
-    """Index of the ``}`` closing the ``{`` at ``start`` (braces must be balanced)."""
-    depth = 0
-    for index in range(start, len(text)):
-        if text[index] == "{":
-            depth += 1
-        elif text[index] == "}":
-            depth -= 1
-            if depth == 0:
-                return index
-    raise ValueError(f"unbalanced '{{' in {text!r}")
-
-
-def _numeric_range(body: str) -> list[str] | None:
-    """``000..007`` -> zero-padded numbers; None if ``body`` is not a numeric range."""
-    match = _RANGE.match(body)
-    if match is None:
-        return None
-    first, last = match.group(1), match.group(2)
-    start, stop = int(first), int(last)
-    padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in (first, last))
-    width = max(len(first), len(last)) if padded else 0
-    step = 1 if stop >= start else -1
-    return [str(n).zfill(width) for n in range(start, stop + step, step)]
-
-
-def _check_balanced(pattern: str) -> None:
-    depth = 0
-    for char in pattern:
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth < 0:
-            raise ValueError(f"unbalanced '}}' in {pattern!r}")
-    if depth:
-        raise ValueError(f"unbalanced '{{' in {pattern!r}")
-
-
-def _expand_balanced(pattern: str) -> list[str]:
-    search_from = 0
-    while True:
-        start = pattern.find("{", search_from)
-        if start < 0:
-            return [pattern]
-        end = _matching_brace(pattern, start)
-        body = pattern[start + 1 : end]
-        alternatives = _numeric_range(body)
-        if alternatives is None:
-            parts = _split_top_level(body)
-            alternatives = parts if len(parts) > 1 else None
-        if alternatives is None:
-            search_from = start + 1  # literal braces: look for the next group
-            continue
-        prefix, suffix = pattern[:start], pattern[end + 1 :]
-        tails = _expand_balanced(suffix)
-        return [
-            prefix + middle + tail
-            for alternative in alternatives
-            for middle in _expand_balanced(alternative)
-            for tail in tails
-        ]
-
-
 def brace_expand(pattern: str) -> list[str]:
     """Expand shell-style braces: ``a{0..2}b`` -> ``[a0b, a1b, a2b]``, ``{x,y}`` -> ``[x, y]``.
 
@@ -117,8 +56,7 @@ def brace_expand(pattern: str) -> list[str]:
     Raises:
         ValueError: the braces are unbalanced.
     """
-    _check_balanced(pattern)
-    return _expand_balanced(pattern)
+    return list(braceexpand(pattern))
 
 
 def _expand_one(item: str, spec: str, field_name: str) -> list[str]:

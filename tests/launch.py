@@ -19,8 +19,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_command(num_ranks: int, script_args: Sequence[str]) -> list[str]:
-    """`deepspeed` on localhost with an explicit loopback master address."""
+def deepspeed_command(num_ranks: int, script_args: Sequence[str], script: str = "launchers/pretrain.py") -> list[str]:
+    """`deepspeed` running ``script`` (relative to the repository) on localhost, loopback master."""
     launcher = Path(sys.executable).parent / "deepspeed"
     return [
         str(launcher),
@@ -30,7 +30,7 @@ def deepspeed_command(num_ranks: int, script_args: Sequence[str]) -> list[str]:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(ROOT / "launchers/pretrain.py"),
+        str(ROOT / script),
         *script_args,
     ]
 

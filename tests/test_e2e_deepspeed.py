@@ -7,6 +7,7 @@ run's losses step for step (model, optimizer, LR schedule and data position rest
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -100,3 +101,21 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(data: dict[str, str], tmp_pa
     assert result.returncode != 0
     assert "already holds checkpoints" in result.stdout
     assert (checkpoint / "megamm_complete.json").read_text() == '{"step": 10}'
+
+
+def test_zero3_tp2_dp2_training_matches_single_process(tmp_path: Path) -> None:
+    """Six optimizer steps under ZeRO-3 with TP=2 x DP=2 equal plain single-process training.
+
+    The clipping threshold is low enough to clip: the global gradient norm must count
+    tensor-parallel shards once each and replicated weights once in all.
+    """
+    out = tmp_path / "parity.json"
+    command = deepspeed_command(
+        4, [str(out), "optim.grad_clip=0.05", "optim.warmup_steps=2"], script="tests/scripts/zero3_parity.py"
+    )
+    result = run(command, tmp_path / "parity.log")
+    assert result.returncode == 0, result.stdout[-4000:]
+    curves = json.loads(out.read_text())
+    assert any(norm > 0.05 for norm in curves["reference_grad_norms"]), "clipping never triggered"
+    assert curves["zero3"] == pytest.approx(curves["reference"], rel=1e-5, abs=1e-6)
+    assert curves["zero3_last_grad_norm"] == pytest.approx(curves["reference_grad_norms"][-1], rel=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from megamm.data import iter_captions, train_tokenizer, write_demo_dataset
 from megamm.engine import complete_checkpoints
-from tests.launch import deepspeed_command, run
+from tests.launch import ROOT, deepspeed_command, run
 
 STEPS = 20
 
@@ -119,3 +120,20 @@ def test_zero3_tp2_dp2_training_matches_single_process(tmp_path: Path) -> None:
     assert any(norm > 0.05 for norm in curves["reference_grad_norms"]), "clipping never triggered"
     assert curves["zero3"] == pytest.approx(curves["reference"], rel=1e-5, abs=1e-6)
     assert curves["zero3_last_grad_norm"] == pytest.approx(curves["reference_grad_norms"][-1], rel=1e-4)
+
+
+def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: Path) -> None:
+    """`python launchers/pretrain.py` alone is a world of one: TP=1, DP=1, same code path."""
+    overrides = {
+        **data,
+        "micro_batch_size": "8",
+        "train_steps": "3",
+        "checkpoint.dir": str(tmp_path / "checkpoints"),
+        "logging.tensorboard_dir": str(tmp_path / "tensorboard"),
+    }
+    command = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "tiny"]
+    result = run(command + [f"{k}={v}" for k, v in overrides.items()], tmp_path / "single.log", timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "1 ranks: tp=1 dp=1 zero=3" in result.stdout
+    assert [step for step, _ in complete_checkpoints(tmp_path / "checkpoints")] == [3]
+    assert sorted(_losses(tmp_path / "tensorboard")) == [3]

@@ -22,10 +22,14 @@ from tests.launch import ROOT, deepspeed_command, run
 STEPS = 20
 
 
-def _losses(tensorboard_dir: Path) -> dict[int, float]:
+def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
     accumulator = EventAccumulator(str(tensorboard_dir))
     accumulator.Reload()
-    return {event.step: event.value for event in accumulator.Scalars("train/loss")}
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+def _losses(tensorboard_dir: Path) -> dict[int, float]:
+    return _scalars(tensorboard_dir, "train/loss")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,7 @@ def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
         "train_steps": str(STEPS),
         "optim.warmup_steps": "5",
         "logging.log_interval": "1",
+        "eval_interval": "10",
         "checkpoint.save_interval": "10",
         "checkpoint.keep_last": "5",
         "checkpoint.dir": str(run_dir / "checkpoints"),
@@ -68,6 +73,8 @@ def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: P
     losses = _losses(full / "tensorboard")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(0 < value < 10 for value in losses.values())
+    assert sorted(_scalars(full / "tensorboard", "train/lr")) == list(range(1, STEPS + 1))
+    assert sorted(_scalars(full / "tensorboard", "eval/text_to_image_R@1")) == [10, 20]
     steps = [step for step, _ in complete_checkpoints(full / "checkpoints")]
     assert steps == [10, 20]
     # ZeRO-3 writes one optimizer/parameter shard per data-parallel rank and TP rank.

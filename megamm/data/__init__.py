@@ -1,7 +1,7 @@
 """Data for megamm: shard discovery, tokenizer, the synthetic demo dataset and the loaders.
 
 This package depends only on ``megamm.config``, the standard library, numpy, torch, PIL,
-webdataset and sentencepiece.
+webdataset (and its braceexpand) and sentencepiece.
 """
 
 from megamm.data.demo import COLOURS, MAX_EVAL_SAMPLES, POSITIONS, SHAPES, iter_captions, write_demo_dataset

@@ -69,9 +69,13 @@ def save_checkpoint(
     """
     directory = Path(directory)
     tag = tag_for_step(step)
+    path = directory / tag
+    if dist.get_rank() == 0:
+        # Overwriting a tag (a run resumed from an older checkpoint): it stops being complete first.
+        (path / MARKER).unlink(missing_ok=True)
+    dist.barrier()
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
     dist.barrier()  # every rank's shards are on disk
-    path = directory / tag
     if dist.get_rank() == 0:
         _write_json_atomic(path / MARKER, {"step": step, **layout})
         _prune(directory, keep_last)

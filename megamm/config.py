@@ -90,10 +90,6 @@ class ImageConfig(TransformerConfig):
             f"{self.patch_size}; pick a patch size that divides the image size",
         )
 
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
 
 @dataclass
 class ModelConfig:

@@ -85,12 +85,6 @@ class ParallelState:
             dp_group_ranks=dp_ranks,
         )
 
-    def describe(self) -> str:
-        return (
-            f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
-            f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}"
-        )
-
     # ------------------------------------------------------------------------------------------
     # DeepSpeed's `mpu` interface (the subset DeepSpeed calls for ZeRO with tensor parallelism).
 

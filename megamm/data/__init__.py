@@ -1,7 +1,7 @@
 """Data for megamm: shard discovery, tokenizer, the synthetic demo dataset and the loaders.
 
-This package depends only on ``megamm.config``, the standard library, numpy, torch, PIL,
-webdataset (and its braceexpand) and sentencepiece.
+This package depends only on ``megamm.config``, ``megamm.fileio``, the standard
+library, numpy, torch, PIL, webdataset (and its braceexpand) and sentencepiece.
 """
 
 from megamm.data.demo import COLOURS, MAX_EVAL_SAMPLES, POSITIONS, SHAPES, iter_captions, write_demo_dataset
@@ -13,8 +13,9 @@ from megamm.data.pipeline import (
     images_to_tensor,
     iter_eval_batches,
 )
-from megamm.data.shards import atomic_output, brace_expand, expand_shards, iter_tar_samples
+from megamm.data.shards import brace_expand, expand_shards, iter_tar_samples
 from megamm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from megamm.fileio import atomic_output
 
 __all__ = [
     "BOS_ID",

@@ -30,7 +30,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from megamm.data.shards import atomic_output, iter_tar_samples
+from megamm.data.shards import iter_tar_samples
+from megamm.fileio import atomic_output
 
 logger = logging.getLogger(__name__)
 

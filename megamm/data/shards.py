@@ -10,13 +10,11 @@ A shard specification (``data.train_shards``, ``data.eval_shards``) is one of, o
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import re
-import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from braceexpand import braceexpand
 from webdataset import tariterators
@@ -110,25 +108,6 @@ def expand_shards(spec: str, field_name: str) -> list[str]:
     if not paths:
         raise ConfigError(f"{field_name}={spec!r} matched no files; {_FIX_HINT}")
     return sorted(paths)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path`` for binary writing; on success move it onto ``path``.
-
-    Readers never see a partly written file, and an existing ``path`` is untouched if the
-    block raises. The parent directory is created.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            yield handle
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _open_shards(

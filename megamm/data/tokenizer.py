@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from megamm.config import ConfigError
-from megamm.data.shards import atomic_output
+from megamm.fileio import atomic_output
 
 PAD_ID = 0
 UNK_ID = 1

@@ -13,8 +13,8 @@ from megamm.engine.ds_config import build_ds_config, load_template
 
 __all__ = [
     "build_ds_config",
-    "check_layout",
     "build_engine",
+    "check_layout",
     "complete_checkpoints",
     "device",
     "init_distributed",

@@ -10,13 +10,14 @@ is complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch.distributed as dist
+
+from megamm.fileio import atomic_output
 
 MARKER = "megamm_complete.json"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -46,12 +47,8 @@ def latest_complete(directory: str | Path) -> Optional[Path]:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with atomic_output(path) as handle:
+        handle.write(json.dumps(payload, indent=2).encode("utf-8"))
 
 
 def save_checkpoint(

@@ -99,7 +99,14 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     embed_dim: int = 64
     """Width of the shared (contrastive) embedding space."""
+    init: str = "fan_in"
+    """Weight initialisation scheme: fan_in (std 1/sqrt(fan_in), residual outputs also scaled by
+    1/sqrt(2 * layers)) or fixed (std init_std everywhere, GPT-2/Megatron style, suited to
+    widths in the thousands only). See megamm/model/init.py."""
     init_std: float = 0.02
+    """Std of position embeddings and class tokens; of every weight under init=fixed."""
+    token_embedding_std: float = 1.0
+    """Std of the token embedding under init=fan_in (nn.Embedding's default)."""
     logit_scale_init: float = math.log(1 / 0.07)
     """Initial log temperature of the contrastive loss (CLIP uses log(1/0.07))."""
     logit_scale_max: float = math.log(100.0)
@@ -108,6 +115,15 @@ class ModelConfig:
         self.text.validate(f"{prefix}.text")
         self.image.validate(f"{prefix}.image")
         _require(self.embed_dim > 0, f"{prefix}.embed_dim must be positive, got {self.embed_dim}")
+        _require(
+            self.init in ("fan_in", "fixed"),
+            f"{prefix}.init={self.init!r} is not one of fan_in, fixed",
+        )
+        _require(self.init_std > 0, f"{prefix}.init_std must be positive, got {self.init_std}")
+        _require(
+            self.token_embedding_std > 0,
+            f"{prefix}.token_embedding_std must be positive, got {self.token_embedding_std}",
+        )
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -10,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.model.attention import ParallelSelfAttention
-from megamm.parallel import ColumnParallelLinear, RowParallelLinear, normal_init
+from megamm.model.init import WeightInit
+from megamm.parallel import ColumnParallelLinear, RowParallelLinear
 from megamm.parallel.mappings import ProcessGroup
 
 
@@ -20,20 +20,13 @@ class ParallelMLP(nn.Module):
     (..., H) -> (..., F / tp) on each rank -> (..., H) summed over the group.
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, group: ProcessGroup, init_std: float, num_layers: int) -> None:
+    def __init__(self, hidden_size: int, ffn_size: int, group: ProcessGroup, init: WeightInit, num_layers: int) -> None:
         super().__init__()
-        self.up = ColumnParallelLinear(hidden_size, ffn_size, group, init_method=normal_init(init_std))
-        self.down = RowParallelLinear(
-            ffn_size, hidden_size, group, init_method=normal_init(scaled_output_std(init_std, num_layers))
-        )
+        self.up = ColumnParallelLinear(hidden_size, ffn_size, group, init_method=init.linear(hidden_size))
+        self.down = RowParallelLinear(ffn_size, hidden_size, group, init_method=init.residual(ffn_size, num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
-
-
-def scaled_output_std(init_std: float, num_layers: int) -> float:
-    """GPT-2 style: residual-output projections get std / sqrt(2 * layers)."""
-    return init_std / math.sqrt(2.0 * num_layers)
 
 
 class TransformerBlock(nn.Module):
@@ -45,7 +38,7 @@ class TransformerBlock(nn.Module):
         num_heads: int,
         ffn_size: int,
         group: ProcessGroup,
-        init_std: float,
+        init: WeightInit,
         num_layers: int,
     ) -> None:
         super().__init__()
@@ -54,11 +47,11 @@ class TransformerBlock(nn.Module):
             hidden_size,
             num_heads,
             group,
-            init_method=normal_init(init_std),
-            output_init_method=normal_init(scaled_output_std(init_std, num_layers)),
+            init_method=init.linear(hidden_size),
+            output_init_method=init.residual(hidden_size, num_layers),
         )
         self.mlp_norm = nn.LayerNorm(hidden_size)
-        self.mlp = ParallelMLP(hidden_size, ffn_size, group, init_std, num_layers)
+        self.mlp = ParallelMLP(hidden_size, ffn_size, group, init, num_layers)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), key_padding_mask)
@@ -69,11 +62,11 @@ class TransformerStack(nn.Module):
     """``num_layers`` blocks followed by a final LayerNorm."""
 
     def __init__(
-        self, hidden_size: int, num_layers: int, num_heads: int, ffn_size: int, group: ProcessGroup, init_std: float
+        self, hidden_size: int, num_layers: int, num_heads: int, ffn_size: int, group: ProcessGroup, init: WeightInit
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, ffn_size, group, init_std, num_layers) for _ in range(num_layers)
+            TransformerBlock(hidden_size, num_heads, ffn_size, group, init, num_layers) for _ in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(hidden_size)
 

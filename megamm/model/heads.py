@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamm.model.init import WeightInit
 from megamm.parallel import gather_batch_with_grad, group_rank
 from megamm.parallel.mappings import ProcessGroup
 
@@ -13,10 +14,10 @@ from megamm.parallel.mappings import ProcessGroup
 class Projection(nn.Module):
     """Linear map into the shared embedding space, then L2 normalisation. (B, H) -> (B, E)."""
 
-    def __init__(self, hidden_size: int, embed_dim: int, init_std: float) -> None:
+    def __init__(self, hidden_size: int, embed_dim: int, init: WeightInit) -> None:
         super().__init__()
         self.linear = nn.Linear(hidden_size, embed_dim, bias=False)
-        nn.init.normal_(self.linear.weight, std=init_std)
+        init.linear(hidden_size)(self.linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.linear(x), dim=-1)

@@ -10,6 +10,7 @@ from torch import nn
 from megamm.config import ModelConfig
 from megamm.model.encoders import ImageEncoder, TextEncoder
 from megamm.model.heads import ContrastiveHead, Projection
+from megamm.model.init import WeightInit
 from megamm.parallel import ParallelState
 
 
@@ -24,6 +25,7 @@ class MultiModalTransformer(nn.Module):
         super().__init__()
         parallel = parallel or ParallelState.single()
         text, image = config.text, config.image
+        init = WeightInit(config.init, config.init_std, config.token_embedding_std)
         self.text_encoder = TextEncoder(
             vocab_size=text.vocab_size,
             max_length=text.max_length,
@@ -32,7 +34,7 @@ class MultiModalTransformer(nn.Module):
             num_heads=text.num_heads,
             ffn_size=text.ffn_size,
             group=parallel.tp_group,
-            init_std=config.init_std,
+            init=init,
         )
         self.image_encoder = ImageEncoder(
             image_size=image.image_size,
@@ -43,10 +45,10 @@ class MultiModalTransformer(nn.Module):
             num_heads=image.num_heads,
             ffn_size=image.ffn_size,
             group=parallel.tp_group,
-            init_std=config.init_std,
+            init=init,
         )
-        self.text_projection = Projection(text.hidden_size, config.embed_dim, config.init_std)
-        self.image_projection = Projection(image.hidden_size, config.embed_dim, config.init_std)
+        self.text_projection = Projection(text.hidden_size, config.embed_dim, init)
+        self.image_projection = Projection(image.hidden_size, config.embed_dim, init)
         self.contrastive = ContrastiveHead(config.logit_scale_init, config.logit_scale_max, parallel.dp_group)
 
     def forward(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from megamm.model.blocks import TransformerStack
+from megamm.model.init import WeightInit
 from megamm.parallel.mappings import ProcessGroup
 
 
@@ -31,19 +32,20 @@ class ImageEncoder(nn.Module):
         num_heads: int,
         ffn_size: int,
         group: ProcessGroup,
-        init_std: float,
+        init: WeightInit,
     ) -> None:
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
         num_patches = (image_size // patch_size) ** 2
-        self.patch_embedding = nn.Linear(channels * patch_size * patch_size, hidden_size)
-        nn.init.normal_(self.patch_embedding.weight, std=init_std)
+        patch_features = channels * patch_size * patch_size
+        self.patch_embedding = nn.Linear(patch_features, hidden_size)
+        init.linear(patch_features)(self.patch_embedding.weight)
         nn.init.zeros_(self.patch_embedding.bias)
         self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.position_embedding = nn.Parameter(torch.empty(num_patches + 1, hidden_size))
-        nn.init.normal_(self.position_embedding, std=init_std)
-        self.transformer = TransformerStack(hidden_size, num_layers, num_heads, ffn_size, group, init_std)
+        init.position()(self.position_embedding)
+        self.transformer = TransformerStack(hidden_size, num_layers, num_heads, ffn_size, group, init)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, S, S) -> (B, H)."""

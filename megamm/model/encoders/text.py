@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from megamm.model.blocks import TransformerStack
-from megamm.parallel import VocabParallelEmbedding, normal_init
+from megamm.model.init import WeightInit
+from megamm.parallel import VocabParallelEmbedding
 from megamm.parallel.mappings import ProcessGroup
 
 
@@ -28,14 +29,14 @@ class TextEncoder(nn.Module):
         num_heads: int,
         ffn_size: int,
         group: ProcessGroup,
-        init_std: float,
+        init: WeightInit,
     ) -> None:
         super().__init__()
         self.max_length = max_length
-        self.token_embedding = VocabParallelEmbedding(vocab_size, hidden_size, group, init_method=normal_init(init_std))
+        self.token_embedding = VocabParallelEmbedding(vocab_size, hidden_size, group, init_method=init.token_embedding())
         self.position_embedding = nn.Parameter(torch.empty(max_length, hidden_size))
-        nn.init.normal_(self.position_embedding, std=init_std)
-        self.transformer = TransformerStack(hidden_size, num_layers, num_heads, ffn_size, group, init_std)
+        init.position()(self.position_embedding)
+        self.transformer = TransformerStack(hidden_size, num_layers, num_heads, ffn_size, group, init)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64, mask (B, T) bool (True = real token) -> (B, H)."""

@@ -1,0 +1,63 @@
+"""Weight initialisation: which standard deviation each kind of weight is drawn with.
+
+Two schemes, chosen by ``model.init``:
+
+- ``fan_in`` (the default): every matrix is drawn from N(0, 1 / fan_in), so a layer keeps the
+  scale of its input whatever the width; residual-branch outputs (attention output, MLP down
+  projection) are further scaled by 1 / sqrt(2 * num_layers), as in GPT-2 and OpenCLIP. Token
+  embeddings are drawn with ``model.token_embedding_std`` (default 1.0, like ``nn.Embedding``),
+  so token identity dominates the learned positions at the start of training.
+- ``fixed``: every matrix and the token embedding from N(0, ``model.init_std``^2) (GPT-2 and
+  Megatron's 0.02). That constant suits widths near 1/0.02^2 = 2,500; a narrow model starts with
+  near-uniform attention and near-identical text features, and learns several times slower.
+
+Position embeddings use ``model.init_std`` in both schemes; class tokens start at zero.
+
+Fan-in is always that of the full (unsharded) weight: tensor-parallel layers draw their full
+master weight and slice it, so any tensor-parallel size gives the same model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megamm.parallel import normal_init
+from megamm.parallel.layers import InitMethod
+
+SCHEMES = ("fan_in", "fixed")
+
+
+@dataclass(frozen=True)
+class WeightInit:
+    """The standard deviations of one model's weights (see the module docstring)."""
+
+    scheme: str = "fan_in"
+    std: float = 0.02
+    """The fixed scheme's std; position embeddings' std in both schemes."""
+    token_embedding_std: float = 1.0
+    """Token embeddings' std under the fan_in scheme."""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"init scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+
+    def linear_std(self, fan_in: int) -> float:
+        """Std of a matrix that reads ``fan_in`` features."""
+        return 1.0 / math.sqrt(fan_in) if self.scheme == "fan_in" else self.std
+
+    def residual_std(self, fan_in: int, num_layers: int) -> float:
+        """Std of a residual-branch output projection in a stack of ``num_layers`` blocks."""
+        return self.linear_std(fan_in) / math.sqrt(2.0 * num_layers)
+
+    def linear(self, fan_in: int) -> InitMethod:
+        return normal_init(self.linear_std(fan_in))
+
+    def residual(self, fan_in: int, num_layers: int) -> InitMethod:
+        return normal_init(self.residual_std(fan_in, num_layers))
+
+    def token_embedding(self) -> InitMethod:
+        return normal_init(self.token_embedding_std if self.scheme == "fan_in" else self.std)
+
+    def position(self) -> InitMethod:
+        return normal_init(self.std)

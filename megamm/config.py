@@ -104,9 +104,9 @@ class ModelConfig:
     1/sqrt(2 * layers)) or fixed (std init_std everywhere, GPT-2/Megatron style, suited to
     widths in the thousands only). See megamm/model/init.py."""
     init_std: float = 0.02
-    """Std of position embeddings and class tokens; of every weight under init=fixed."""
+    """Std of position embeddings; of every matrix under init=fixed."""
     token_embedding_std: float = 1.0
-    """Std of the token embedding under init=fan_in (nn.Embedding's default)."""
+    """Std of the token embedding (nn.Embedding's default); the skeleton used 0.02."""
     logit_scale_init: float = math.log(1 / 0.07)
     """Initial log temperature of the contrastive loss (CLIP uses log(1/0.07))."""
     logit_scale_max: float = math.log(100.0)

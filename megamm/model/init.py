@@ -4,12 +4,14 @@ Two schemes, chosen by ``model.init``:
 
 - ``fan_in`` (the default): every matrix is drawn from N(0, 1 / fan_in), so a layer keeps the
   scale of its input whatever the width; residual-branch outputs (attention output, MLP down
-  projection) are further scaled by 1 / sqrt(2 * num_layers), as in GPT-2 and OpenCLIP. Token
-  embeddings are drawn with ``model.token_embedding_std`` (default 1.0, like ``nn.Embedding``),
-  so token identity dominates the learned positions at the start of training.
-- ``fixed``: every matrix and the token embedding from N(0, ``model.init_std``^2) (GPT-2 and
-  Megatron's 0.02). That constant suits widths near 1/0.02^2 = 2,500; a narrow model starts with
-  near-uniform attention and near-identical text features, and learns several times slower.
+  projection) are further scaled by 1 / sqrt(2 * num_layers), as in GPT-2 and OpenCLIP.
+- ``fixed``: every matrix from N(0, ``model.init_std``^2) (GPT-2 and Megatron's 0.02). That
+  constant suits widths near 1/0.02^2 = 2,500; a narrow model starts with near-uniform
+  attention and learns several times slower (docs/ablations/init).
+
+Token embeddings are drawn with ``model.token_embedding_std`` in both schemes (default 1.0, like
+``nn.Embedding``), so that token identity dominates the learned positions at the start of
+training; at 0.02, as large as the positions, mean-pooled captions start nearly identical.
 
 Position embeddings use ``model.init_std`` in both schemes; class tokens start at zero.
 
@@ -36,7 +38,7 @@ class WeightInit:
     std: float = 0.02
     """The fixed scheme's std; position embeddings' std in both schemes."""
     token_embedding_std: float = 1.0
-    """Token embeddings' std under the fan_in scheme."""
+    """Token embeddings' std (both schemes)."""
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -57,7 +59,7 @@ class WeightInit:
         return normal_init(self.residual_std(fan_in, num_layers))
 
     def token_embedding(self) -> InitMethod:
-        return normal_init(self.token_embedding_std if self.scheme == "fan_in" else self.std)
+        return normal_init(self.token_embedding_std)
 
     def position(self) -> InitMethod:
         return normal_init(self.std)

@@ -22,6 +22,8 @@ setup(
         "Pillow>=10",
         "numpy>=1.24",
         "PyYAML>=6",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
     ],
     extras_require={
         "dev": ["pytest>=8", "fairscale==0.4.13"],

@@ -26,7 +26,7 @@ def init_distributed() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
+    elif "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
         # Ranks on this host: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
         names = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE")
         local_world = next((int(os.environ[name]) for name in names if name in os.environ), 1)

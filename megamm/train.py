@@ -255,7 +255,15 @@ def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "aut
     init_distributed()
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
     _setup_logging(parallel.rank)
-    log.info("%d ranks: tp=%d dp=%d zero=%d", world_size, parallel.tp_size, dp_size, config.parallel.zero_stage)
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    log.info("%d ranks: tp=%d dp=%d zero=%d", world_size, parallel.tp_size, dp_size, zero_stage)
+    if zero_stage != config.parallel.zero_stage:
+        log.info(
+            "parallel.zero_stage=%d: a single process has nothing to partition, so ZeRO stage %d runs "
+            "(the same numbers, without ZeRO's per-module gather hooks)",
+            config.parallel.zero_stage,
+            zero_stage,
+        )
 
     torch.manual_seed(config.seed)
     model = MultiModalTransformer(config.model, parallel)

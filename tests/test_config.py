@@ -66,6 +66,15 @@ def test_ds_config_takes_batch_sizes_from_megamm_config() -> None:
         build_ds_config({"train_batch_size": 64}, config, dp_size=4)
 
 
+def test_single_process_runs_zero_stage_0() -> None:
+    """ZeRO partitions over ranks: one process has nothing to partition; any other world keeps the stage."""
+    single = load_config("tiny", ["parallel.zero_stage=3"])
+    assert build_ds_config({}, single, dp_size=1)["zero_optimization"]["stage"] == 0
+    tensor_parallel = load_config("tiny", ["parallel.zero_stage=3", "parallel.tensor_parallel=2"])
+    assert build_ds_config({}, tensor_parallel, dp_size=1)["zero_optimization"]["stage"] == 3
+    assert build_ds_config({}, single, dp_size=2)["zero_optimization"]["stage"] == 3
+
+
 @pytest.mark.parametrize(
     "world, overrides, message",
     [

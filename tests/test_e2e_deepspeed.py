@@ -141,6 +141,7 @@ def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: P
     command = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "tiny"]
     result = run(command + [f"{k}={v}" for k, v in overrides.items()], tmp_path / "single.log", timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "1 ranks: tp=1 dp=1 zero=3" in result.stdout
+    assert "1 ranks: tp=1 dp=1 zero=0" in result.stdout  # ZeRO-3 asked for; nothing to partition
+    assert "parallel.zero_stage=3: a single process has nothing to partition" in result.stdout
     assert [step for step, _ in complete_checkpoints(tmp_path / "checkpoints")] == [3]
     assert sorted(_losses(tmp_path / "tensorboard")) == [3]

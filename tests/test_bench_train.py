@@ -19,7 +19,7 @@ def test_bench_train_writes_side_by_side_table(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     command = [
         sys.executable, str(ROOT / "tools/bench_train.py"), "--steps", "6", "--eval-every", "3",
-        "--global-batch", "16", "--threads", "1", "--runs", "plain", "megamm", "megamm_loader", "--out", str(out),
+        "--global-batch", "16", "--threads", "1", "--runs", "pair", "megamm_loader", "--out", str(out),
         f"data.train_shards={data / 'train'}", f"data.eval_shards={data / 'eval'}", f"data.tokenizer={tokenizer}",
     ]  # fmt: skip
     result = run(command, tmp_path / "bench.log", timeout=300)

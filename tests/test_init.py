@@ -75,7 +75,7 @@ def test_weight_scales_follow_fan_in() -> None:
     model = MultiModalTransformer(config)
     block = model.text_encoder.transformer.layers[0]
     expected = {
-        block.attn.query.weight: 1 / math.sqrt(256),
+        block.attn.qkv.weight: 1 / math.sqrt(256),
         block.mlp.up.weight: 1 / math.sqrt(256),
         block.attn.out.weight: 1 / math.sqrt(256) / math.sqrt(2 * 3),
         block.mlp.down.weight: 1 / math.sqrt(1024) / math.sqrt(2 * 3),

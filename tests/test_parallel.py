@@ -11,7 +11,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megamm.config import load_config
 from megamm.model import MultiModalTransformer
 from megamm.model.heads import contrastive_loss
-from megamm.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
+from megamm.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, shard_of
 from megamm.parallel import layout
 from tests.distributed import run_distributed
 
@@ -168,7 +168,7 @@ def _model_parity(rank: int, world: int) -> None:
     for name, param in model.named_parameters():
         ref_grad = ref_params[name].grad
         if getattr(param, "tensor_model_parallel", False):
-            ref_grad = ref_grad.chunk(world, dim=param.partition_dim)[state.tp_rank]
+            ref_grad = shard_of(ref_grad, state.tp_rank, world, param.partition_dim, param.partition_stride)
         torch.testing.assert_close(param.grad, ref_grad, atol=ATOL, rtol=1e-4, msg=name)
 
 
@@ -209,3 +209,38 @@ def _fairscale_parity(rank: int, world: int) -> None:
 
 def test_column_row_tp2_match_fairscale(tmp_path) -> None:
     run_distributed(_fairscale_parity, 2, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention against torch's own multi-head attention
+
+
+def test_self_attention_matches_torch_multihead_attention() -> None:
+    """The stacked Q/K/V projection is torch's in_proj: same weights, same outputs and gradients."""
+    from megamm.model.attention import ParallelSelfAttention
+    from megamm.parallel import normal_init
+
+    torch.manual_seed(0)
+    ours = ParallelSelfAttention(16, 4, None, init_method=normal_init(0.3), output_init_method=normal_init(0.3))
+    with torch.no_grad():
+        ours.qkv.bias.normal_()
+    reference = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(ours.qkv.weight)
+        reference.in_proj_bias.copy_(ours.qkv.bias)
+        reference.out_proj.weight.copy_(ours.out.weight)
+        reference.out_proj.bias.copy_(ours.out.bias)
+    x = torch.randn(3, 7, 16)
+    mask = torch.arange(7)[None, :] < torch.tensor([[7], [4], [2]])  # True = real token
+    out = ours(x, mask)
+    ref_out, _ = reference(x, x, x, key_padding_mask=~mask, need_weights=False)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    out.pow(2).sum().backward()
+    ref_out.pow(2).sum().backward()
+    torch.testing.assert_close(ours.qkv.weight.grad, reference.in_proj_weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_stacked_shards_hold_whole_blocks() -> None:
+    full = torch.arange(12.0).reshape(12, 1)  # blocks Q = 0..3, K = 4..7, V = 8..11
+    assert shard_of(full, 1, 2, dim=0, stride=3).flatten().tolist() == [2, 3, 6, 7, 10, 11]
+    assert shard_of(full, 0, 2, dim=0).flatten().tolist() == [0, 1, 2, 3, 4, 5]

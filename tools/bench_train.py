@@ -7,14 +7,16 @@ loss and recall curves of the runs are comparable step for step. Runs:
 
 - ``plain``: ``tools/plain_clip.PlainCLIP`` (``torch.nn`` only) with torch AdamW and the same
   optimizer settings and schedule as the recipe;
-- ``megamm 1 proc``: megamm's model in its DeepSpeed engine (the recipe's ZeRO stage), TP=1,
-  one process, fed the same in-memory batches;
-- ``megamm 1 proc, loader``: the same with megamm's WebDataset loader as the data source, to
+- ``megamm 1 proc``: megamm's model in its DeepSpeed engine, TP=1, one process, fed the same
+  in-memory batches. It trains in the same process as ``plain``, the two alternating step by
+  step (which goes first alternates too), so that both see the same machine: on a shared or
+  throttled machine, runs one after the other can differ by 30% in speed;
+- ``megamm 1 proc, loader``: megamm alone with its WebDataset loader as the data source, to
   measure how long training waits for data;
 - ``megamm TP=2 x DP=2 ZeRO-3``: 4 ranks through the ``deepspeed`` launcher on 127.0.0.1; each
   data-parallel rank takes its half of the same global batch.
 
-Each run is a fresh process. Step time is split into data wait, forward, backward and optimizer;
+Each kind of run is a fresh process. Step time is split into data wait, forward, backward and optimizer;
 retrieval R@1 on the held-out split is measured every ``--eval-every`` steps, outside the timed
 step, and the time to the target R@1 is the summed step time until the first evaluation that
 reaches it. FLOPs per sample come from ``megamm.flops`` (the model's shapes); the matmul peak
@@ -49,6 +51,8 @@ from tools.plain_clip import InMemoryData, PlainCLIP, load_split, random_batches
 
 PHASES = ("data", "forward", "backward", "optimizer")
 RUNS = ("plain", "megamm", "megamm_loader", "megamm_tp2dp2")
+WORKERS = {"pair": ("plain", "megamm"), "megamm_loader": ("megamm_loader",), "megamm_tp2dp2": ("megamm_tp2dp2",)}
+"""Each worker process trains these runs (a pair alternating step by step)."""
 LABELS = {
     "plain": "plain PyTorch, 1 proc",
     "megamm": "megamm 1 proc (TP=1)",
@@ -105,35 +109,38 @@ def _sync() -> None:
 
 
 def timed_training(
-    name: str,
-    trainee: Trainee,
-    batches: Iterator[tuple[torch.Tensor, ...]],
+    trainees: dict[str, tuple[Trainee, Iterator[tuple[torch.Tensor, ...]]]],
     steps: int,
     global_batch: int,
     eval_every: int,
-) -> RunResult:
-    """Run ``steps`` steps, timing each phase; evaluate every ``eval_every`` steps (untimed)."""
-    result = RunResult(name, steps, global_batch)
+) -> dict[str, RunResult]:
+    """Train every trainee ``steps`` steps on its batches, alternating step by step (and the order
+    within a step), timing each phase; evaluate every ``eval_every`` steps, untimed."""
+    results = {name: RunResult(name, steps, global_batch) for name in trainees}
     clock = time.perf_counter
     for step in range(1, steps + 1):
-        marks = [clock()]
-        batch = next(batches)
-        marks.append(clock())
-        loss = trainee.forward(batch)
-        _sync()
-        marks.append(clock())
-        trainee.backward(loss)
-        _sync()
-        marks.append(clock())
-        trainee.optimizer_step()
-        _sync()
-        marks.append(clock())
-        for phase, start, end in zip(PHASES, marks, marks[1:]):
-            result.phase_seconds[phase] += end - start
+        order = list(trainees) if step % 2 else list(reversed(trainees))
+        for name in order:
+            trainee, batches = trainees[name]
+            marks = [clock()]
+            batch = next(batches)
+            marks.append(clock())
+            loss = trainee.forward(batch)
+            _sync()
+            marks.append(clock())
+            trainee.backward(loss)
+            _sync()
+            marks.append(clock())
+            trainee.optimizer_step()
+            _sync()
+            marks.append(clock())
+            for phase, start, end in zip(PHASES, marks, marks[1:]):
+                results[name].phase_seconds[phase] += end - start
+            results[name].final_loss = loss.item()
         if step % eval_every == 0 or step == steps:
-            result.evals.append((step, result.train_seconds, trainee.recall_at_1()))
-            result.final_loss = loss.item()
-    return result
+            for name, (trainee, _) in trainees.items():
+                results[name].evals.append((step, results[name].train_seconds, trainee.recall_at_1()))
+    return results
 
 
 def _recall_at_1(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
@@ -247,30 +254,31 @@ def _loader_batches(config: TrainConfig) -> tuple[Iterator[tuple[torch.Tensor, .
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    """One run, in this process (or in each rank of a launch); rank 0 writes the JSON result."""
+    """One worker's runs, in this process (or in each rank of a launch); rank 0 writes the results."""
     config = load_config(args.config, args.overrides)
-    threads = os.environ.get("BENCH_THREADS")
     data = load_split(config.data.train_shards, config.data.tokenizer, config.data.image_size, config.data.max_text_length)
     eval_data = load_split(config.data.eval_shards, config.data.tokenizer, config.data.image_size, config.data.max_text_length)
     indices = random_batches(len(data), args.global_batch, config.train_steps, args.data_seed)
-    if args.worker == "plain":
-        if threads:
-            torch.set_num_threads(int(threads))
-        trainee: Trainee = PlainTrainee(config, eval_data)
-        batches, dp_rank, loader_rate = _memory_batches(data, indices, 0, 1), 0, None
+    megamm = MegammTrainee(config, args.ds_config, eval_data)
+    if os.environ.get("BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    dp_rank, dp_size = megamm.parallel.dp_rank, megamm.parallel.dp_size
+    loader_rate = None
+    if args.worker == "pair":
+        trainees = {
+            "plain": (PlainTrainee(config, eval_data), _memory_batches(data, indices, 0, 1)),
+            "megamm": (megamm, _memory_batches(data, indices, 0, 1)),
+        }
+    elif args.worker == "megamm_loader":
+        batches, loader_rate = _loader_batches(config)
+        trainees = {"megamm_loader": (megamm, batches)}
     else:
-        trainee = MegammTrainee(config, args.ds_config, eval_data)
-        if threads:
-            torch.set_num_threads(int(threads))
-        dp_rank, dp_size = trainee.parallel.dp_rank, trainee.parallel.dp_size
-        if args.worker == "megamm_loader":
-            batches, loader_rate = _loader_batches(config)
-        else:
-            batches, loader_rate = _memory_batches(data, indices, dp_rank, dp_size), None
-    result = timed_training(args.worker, trainee, batches, config.train_steps, args.global_batch, args.eval_every)
-    result.loader_samples_per_second = loader_rate
+        trainees = {args.worker: (megamm, _memory_batches(data, indices, dp_rank, dp_size))}
+    results = timed_training(trainees, config.train_steps, args.global_batch, args.eval_every)
+    for result in results.values():
+        result.loader_samples_per_second = loader_rate
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.result).write_text(json.dumps(asdict(result)))
+        Path(args.result).write_text(json.dumps([asdict(r) for r in results.values()]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,13 +291,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker_command(run: str, args: argparse.Namespace, result: Path, seed: int) -> tuple[list[str], dict[str, str]]:
+def _worker_command(worker: str, args: argparse.Namespace, result: Path, seed: int) -> tuple[list[str], dict[str, str]]:
     overrides = [*args.overrides, f"seed={seed}", f"train_steps={args.steps}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    script = [str(ROOT / "tools/bench_train.py"), "--worker", run, "--result", str(result)]
+    script = [str(ROOT / "tools/bench_train.py"), "--worker", worker, "--result", str(result)]
     common = ["--config", args.config, "--ds-config", args.ds_config, "--global-batch", str(args.global_batch)]
     common += ["--eval-every", str(args.eval_every), "--data-seed", str(seed)]
-    if run == "megamm_tp2dp2":
+    if worker == "megamm_tp2dp2":
         overrides += ["parallel.tensor_parallel=2", f"micro_batch_size={args.global_batch // 2}"]
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "4"]
         launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
@@ -299,11 +307,11 @@ def _worker_command(run: str, args: argparse.Namespace, result: Path, seed: int)
     return [sys.executable, *script, *common, *overrides], env
 
 
-def run_worker(run: str, args: argparse.Namespace, seed: int, log_dir: Path) -> Optional[RunResult]:
-    """Start one run as its own process group; None (and the log path printed) if it failed."""
-    result_path = log_dir / f"{run}-seed{seed}.json"
-    log_path = log_dir / f"{run}-seed{seed}.log"
-    command, env = _worker_command(run, args, result_path, seed)
+def run_worker(worker: str, args: argparse.Namespace, seed: int, log_dir: Path) -> Optional[list[RunResult]]:
+    """Start one worker as its own process group; None (and the log path printed) if it failed."""
+    result_path = log_dir / f"{worker}-seed{seed}.json"
+    log_path = log_dir / f"{worker}-seed{seed}.log"
+    command, env = _worker_command(worker, args, result_path, seed)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -313,11 +321,13 @@ def run_worker(run: str, args: argparse.Namespace, seed: int, log_dir: Path) -> 
             process.wait()
             raise
     if process.returncode != 0 or not result_path.is_file():
-        print(f"  {run} (seed {seed}) failed with exit {process.returncode}; see {log_path}", file=sys.stderr)
+        print(f"  {worker} (seed {seed}) failed with exit {process.returncode}; see {log_path}", file=sys.stderr)
         return None
-    raw = json.loads(result_path.read_text())
-    raw["evals"] = [tuple(e) for e in raw["evals"]]
-    return RunResult(**raw)
+    results = []
+    for raw in json.loads(result_path.read_text()):
+        raw["evals"] = [tuple(e) for e in raw["evals"]]
+        results.append(RunResult(**raw))
+    return results
 
 
 def _mean_std(values: list[float]) -> str:
@@ -409,19 +419,21 @@ def parent_main(args: argparse.Namespace) -> int:
     peaks["bf16"] = max(bf16, peaks["fp32"])
     print(f"matmul peak here: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s")
     print(f"model: {flops.training / 1e6:.2f} MFLOP per training sample (3 x {flops.forward / 1e6:.2f} forward)")
-    results: dict[str, list[RunResult]] = {run: [] for run in args.runs}
+    results: dict[str, list[RunResult]] = {run: [] for worker in args.runs for run in WORKERS[worker]}
     failed = 0
     for repeat in range(args.repeats):
         seed = args.seed + repeat
-        for run in args.runs:
-            print(f"[{time.strftime('%H:%M:%S')}] {LABELS[run]}, seed {seed} ...", flush=True)
-            result = run_worker(run, args, seed, out / "logs")
-            if result is None:
+        for worker in args.runs:
+            names = " + ".join(LABELS[run] for run in WORKERS[worker])
+            print(f"[{time.strftime('%H:%M:%S')}] {names}, seed {seed} ...", flush=True)
+            worker_results = run_worker(worker, args, seed, out / "logs")
+            if worker_results is None:
                 failed += 1
-            else:
-                results[run].append(result)
-                print(f"  {result.global_batch * result.steps / result.train_seconds:.0f} samples/s, "
-                      f"R@1 {result.evals[-1][2]:.3f}", flush=True)
+                continue
+            for result in worker_results:
+                results[result.name].append(result)
+                rate = result.global_batch * result.steps / result.train_seconds
+                print(f"  {LABELS[result.name]}: {rate:.0f} samples/s, R@1 {result.evals[-1][2]:.3f}", flush=True)
     summary = summarise(results, args.target, flops.training, peaks)
     table, loader = render_table(summary, args.target, args.steps), render_loader(summary)
     command = "python tools/bench_train.py " + " ".join(sys.argv[1:])
@@ -475,10 +487,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kind, seeds seed..seed+repeats-1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, 1-process runs")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=list(WORKERS), default=list(WORKERS),
+                        help="workers to run: pair (plain + megamm 1 proc, alternating), megamm_loader, megamm_tp2dp2")
     parser.add_argument("--out", default="runs/bench_train")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
-    parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--data-seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)

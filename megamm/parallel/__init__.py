@@ -1,6 +1,12 @@
 """Tensor/data/pipeline parallel building blocks (torch.distributed only, no DeepSpeed)."""
 
-from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
+from megamm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    normal_init,
+    shard_of,
+)
 from megamm.parallel.mappings import (
     copy_to_group,
     gather_batch_with_grad,
@@ -25,4 +31,5 @@ __all__ = [
     "normal_init",
     "reduce_from_group",
     "scatter_to_group",
+    "shard_of",
 ]

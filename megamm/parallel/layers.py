@@ -44,14 +44,24 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _sharded_parameter(master: torch.Tensor, group: ProcessGroup, dim: int) -> nn.Parameter:
-    """This rank's slice of ``master`` along ``dim``, as a parameter marked as sharded."""
+def shard_of(full: torch.Tensor, rank: int, size: int, dim: int, stride: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s slice (of ``size``) of the unsharded tensor ``full`` along ``dim``.
+
+    With ``stride`` > 1, ``full`` is ``stride`` equal blocks along ``dim`` (say Q, K, V); each
+    block is sliced separately and the rank keeps its slice of every block, in order. This is
+    how every sharded parameter relates to its full weight (``partition_dim``, ``partition_stride``).
+    """
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([block.chunk(size, dim=dim)[rank] for block in blocks], dim=dim).contiguous()
+
+
+def _sharded_parameter(master: torch.Tensor, group: ProcessGroup, dim: int, stride: int = 1) -> nn.Parameter:
+    """This rank's :func:`shard_of` ``master``, as a parameter marked as sharded."""
     size = group_size(group)
-    shard = master.chunk(size, dim=dim)[group_rank(group)].clone().contiguous()
-    param = nn.Parameter(shard)
+    param = nn.Parameter(shard_of(master, group_rank(group), size, dim, stride))
     param.tensor_model_parallel = size > 1  # type: ignore[attr-defined]
     param.partition_dim = dim  # type: ignore[attr-defined]
-    param.partition_stride = 1  # type: ignore[attr-defined]
+    param.partition_stride = stride  # type: ignore[attr-defined]
     return param
 
 
@@ -60,6 +70,11 @@ class ColumnParallelLinear(nn.Module):
 
     Input (..., in_features), replicated on every rank.
     Output (..., out_features / tp) per rank, or (..., out_features) if ``gather_output``.
+
+    ``stacked`` > 1 fuses that many projections of ``out_features / stacked`` each (Q, K and V:
+    one matmul instead of three). Each is initialised from its own master weight, drawn in
+    order, and split over the group on its own, so a rank's output is its slice of the first
+    projection, then of the second, and so on: ``output.chunk(stacked, dim=-1)`` separates them.
     """
 
     def __init__(
@@ -71,19 +86,25 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         init_method: InitMethod = normal_init(0.02),
         device: Optional[torch.device] = None,
+        stacked: int = 1,
     ) -> None:
         super().__init__()
+        if stacked > 1 and gather_output:
+            raise ValueError("a stacked ColumnParallelLinear cannot gather its output")
         self.group = group
         self.in_features = in_features
         self.out_features = out_features
         self.gather_output = gather_output
+        part = _divide(out_features, stacked, "out_features / stacked")
         self.out_per_rank = _divide(out_features, group_size(group), "out_features")
-        master = torch.empty(out_features, in_features, device=device)
-        init_method(master)
-        self.weight = _sharded_parameter(master, group, dim=0)
+        _divide(part, group_size(group), "out_features / stacked")
+        masters = [torch.empty(part, in_features, device=device) for _ in range(stacked)]
+        for master in masters:
+            init_method(master)
+        self.weight = _sharded_parameter(torch.cat(masters), group, dim=0, stride=stacked)
         if bias:
             self.bias: Optional[nn.Parameter] = _sharded_parameter(
-                torch.zeros(out_features, device=device), group, dim=0
+                torch.zeros(out_features, device=device), group, dim=0, stride=stacked
             )
         else:
             self.register_parameter("bias", None)

@@ -16,8 +16,8 @@ from megamm.parallel.mappings import ProcessGroup
 class ParallelSelfAttention(nn.Module):
     """Scaled dot-product attention; each rank owns num_heads / tp heads.
 
-    Q, K and V are separate column-parallel projections so that a contiguous slice of each
-    weight holds whole heads; the output projection is row-parallel and sums over ranks.
+    Q, K and V are one stacked column-parallel projection (one matmul), each rank holding
+    whole heads of each; the output projection is row-parallel and sums over ranks.
     """
 
     def __init__(
@@ -34,19 +34,14 @@ class ParallelSelfAttention(nn.Module):
             raise ValueError(f"num_heads={num_heads} is not divisible by the tensor-parallel size {tp}")
         self.head_dim = hidden_size // num_heads
         self.local_heads = num_heads // tp
-        self.query = ColumnParallelLinear(hidden_size, hidden_size, group, init_method=init_method)
-        self.key = ColumnParallelLinear(hidden_size, hidden_size, group, init_method=init_method)
-        self.value = ColumnParallelLinear(hidden_size, hidden_size, group, init_method=init_method)
+        self.qkv = ColumnParallelLinear(hidden_size, 3 * hidden_size, group, init_method=init_method, stacked=3)
         self.out = RowParallelLinear(hidden_size, hidden_size, group, init_method=output_init_method)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.local_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, H); key_padding_mask: (B, T) bool, True for real tokens."""
         batch, length, _ = x.shape
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        qkv = self.qkv(x).view(batch, length, 3, self.local_heads, self.head_dim)  # (B, T, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)
         attn_mask = None
         if key_padding_mask is not None:
             attn_mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T): True = attend

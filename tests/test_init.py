@@ -8,7 +8,6 @@ loss ln(32) = 3.47 for its first 60 steps while a ``torch.nn`` CLIP reached ~1.5
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

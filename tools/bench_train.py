@@ -68,7 +68,7 @@ BASELINE = {"megamm": "plain", "megamm_loader": "plain", "megamm_tp2dp2": "plain
 
 @dataclass
 class RunResult:
-    """What one worker measured. Times in seconds; ``evals`` holds (step, train seconds, R@1)."""
+    """What one run measured. Times in seconds; ``evals`` holds (step, train seconds, R@1)."""
 
     name: str
     steps: int
@@ -238,19 +238,18 @@ def _loader_batches(config: TrainConfig) -> tuple[Iterator[tuple[torch.Tensor, .
 
     tokenizer = Tokenizer(config.data.tokenizer)
 
-    def batches(start: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        loader = build_train_loader(config.data, tokenizer, 0, 1, config.micro_batch_size, start)
-        for batch in loader:
+    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in build_train_loader(config.data, tokenizer, 0, 1, config.micro_batch_size):
             yield batch["image"], batch["text_ids"], batch["text_mask"]
 
-    probe, count = batches(0), 100
+    probe, count = batches(), 100
     next(probe)  # worker start-up is not throughput
     start = time.perf_counter()
     for _ in range(count):
         next(probe)
     rate = count * config.micro_batch_size / (time.perf_counter() - start)
-    del probe
-    return batches(0), rate
+    probe.close()  # stops its DataLoader worker
+    return batches(), rate
 
 
 def worker_main(args: argparse.Namespace) -> None:

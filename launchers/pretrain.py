@@ -2,7 +2,7 @@
 """Pre-train a multi-modal model. Run under a launcher, e.g.
 
     deepspeed --num_gpus 4 launchers/pretrain.py --config tiny parallel.tensor_parallel=2
-    deepspeed --hostfile hosts launchers/pretrain.py --config base --resume auto
+    deepspeed --hostfile hosts launchers/pretrain.py --config tiny --resume auto
 
 Positional ``key.sub=value`` arguments override the recipe.
 """

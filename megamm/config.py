@@ -173,6 +173,8 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self, prefix: str = "data") -> None:
+        for name in ("train_shards", "eval_shards", "tokenizer"):
+            _require(bool(getattr(self, name).strip()), f"{prefix}.{name} is empty; give a path")
         _require(self.num_workers >= 0, f"{prefix}.num_workers must be >= 0")
         _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer must be >= 0")
         _require(self.image_size > 0, f"{prefix}.image_size must be positive")
@@ -209,6 +211,10 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
+        _require(
+            bool(self.dir.strip()),
+            f"{prefix}.dir is empty; name a directory, e.g. {prefix}.dir=runs/NAME/checkpoints",
+        )
         _require(self.save_interval > 0, f"{prefix}.save_interval must be positive")
         _require(self.keep_last >= 1, f"{prefix}.keep_last must be >= 1")
 
@@ -220,6 +226,10 @@ class LoggingConfig:
     """Write scalars every this many steps."""
 
     def validate(self, prefix: str = "logging") -> None:
+        _require(
+            bool(self.tensorboard_dir.strip()),
+            f"{prefix}.tensorboard_dir is empty; name a directory, e.g. {prefix}.tensorboard_dir=runs/NAME/tensorboard",
+        )
         _require(self.log_interval > 0, f"{prefix}.log_interval must be positive")
 
 
@@ -310,6 +320,16 @@ def _coerce(value: Any, target_type: Any, name: str) -> Any:
                 return False
             raise ConfigError(f"{name}: expected true/false, got {value!r}")
         return bool(value)
+    if target_type in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{name}: expected {target_type.__name__}, got {value!r}")
+    if target_type is float and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected float, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if target_type in (int, float, str):
         try:
             if target_type is int and isinstance(value, float) and not value.is_integer():
@@ -358,22 +378,47 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _parse_value(raw: str, item: str) -> Any:
+    """An override's value, parsed as YAML (``3`` -> 3, ``[a, b]`` -> a list, ``""`` -> "")."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value does not parse ({problem}); quote it for the shell, "
+            "e.g. key='[a, b]' or key='text: with colon'"
+        ) from None
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=x"]`` into ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
     tree: dict[str, Any] = {}
+    seen: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
+        if key in seen:
+            hint = ""
+            if ".tar" in seen[key] and ".tar" in item:
+                hint = (
+                    f". An unquoted brace pattern is expanded by the shell into one argument per "
+                    f"shard: quote it, e.g. {key}='dir/shard-{{000000..000007}}.tar'"
+                )
+            raise ConfigError(f"{key} is given twice ({seen[key]!r} and {item!r}); give it once{hint}")
+        seen[key] = item
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _parse_value(raw, item)
     return tree
 
 
@@ -396,7 +441,13 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
     data: dict[str, Any] = {}
     if name_or_path:
         path = resolve_recipe(name_or_path)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or "invalid YAML"
+            raise ConfigError(f"recipe {path} is not valid YAML{where}: {problem}; fix the file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded

@@ -267,7 +267,10 @@ def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "aut
 
     torch.manual_seed(config.seed)
     model = MultiModalTransformer(config.model, parallel)
-    log.info("model: %.2fM parameters (full, before sharding)", sum(p.numel() for p in model.parameters()) / 1e6)
+    local = sum(p.numel() for p in model.parameters())
+    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
+    full = local + (parallel.tp_size - 1) * sharded
+    log.info("model: %.2fM parameters (%.2fM on each tensor-parallel rank, before ZeRO)", full / 1e6, local / 1e6)
     engine = build_engine(model, config.optim, config.train_steps, ds_config, parallel)
 
     state = TrainState()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,46 @@ def test_launcher_rejects_bad_config_before_any_process_group(world: str, overri
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Misuse that used to pass silently or with a raw traceback
+
+
+def test_a_key_given_twice_is_refused_with_a_quoting_hint() -> None:
+    with pytest.raises(ConfigError, match="train_steps is given twice"):
+        load_config("tiny", ["train_steps=5", "train_steps=7"])
+    # What bash makes of an unquoted data.train_shards=dir/shard-{000000..000001}.tar
+    expanded = ["data.train_shards=dir/shard-000000.tar", "data.train_shards=dir/shard-000001.tar"]
+    with pytest.raises(ConfigError, match=r"given twice.*quote it"):
+        load_config("tiny", expanded)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train_steps=true", "train_steps: expected int, got True"),
+        ("optim.lr=inf", "optim.lr: expected a finite number"),
+        ("optim.lr=.nan", "optim.lr: expected a finite number"),
+        ("model.init_std=false", "model.init_std: expected float, got False"),
+        ("checkpoint.dir=", "checkpoint.dir is empty"),
+        ("logging.tensorboard_dir=", "logging.tensorboard_dir is empty"),
+        ("data.tokenizer=", "data.tokenizer is empty"),
+        ("optim.betas=[0.9, 0.99", "does not parse"),
+    ],
+)
+def test_values_that_used_to_be_accepted_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [override])
+
+
+def test_float_overrides_still_parse() -> None:
+    config = load_config("tiny", ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "optim.grad_clip=0"])
+    assert config.optim.lr == 1e-3 and config.optim.betas == (0.9, 0.95) and config.optim.grad_clip == 0.0
+
+
+def test_a_recipe_with_a_yaml_syntax_error_is_named(tmp_path) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  embed_dim: 64\n text: [\n")
+    with pytest.raises(ConfigError, match=rf"recipe {re.escape(str(recipe))} is not valid YAML at line \d+"):
+        load_config(str(recipe))

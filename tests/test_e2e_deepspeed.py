@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from megamm.config import load_config
 from megamm.data import iter_captions, train_tokenizer, write_demo_dataset
 from megamm.engine import complete_checkpoints
+from megamm.model import MultiModalTransformer
 from tests.launch import ROOT, deepspeed_command, run
 
 STEPS = 20
@@ -68,6 +70,8 @@ def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: P
     full = tmp_path / "full"
     result = _train(data, full)
     assert "tp=2 dp=2 zero=3" in result.stdout
+    parameters = sum(p.numel() for p in MultiModalTransformer(load_config("tiny").model).parameters())  # TP=1
+    assert f"model: {parameters / 1e6:.2f}M parameters (" in result.stdout
     assert "text->image R@1" in result.stdout
 
     losses = _losses(full / "tensorboard")

@@ -7,9 +7,10 @@
 
 Variants are the cartesian product of the --grid values (split on commas outside [brackets]),
 crossed with the --variant entries if both are given; with neither there is one "base" variant.
-Overrides after `--` apply to every run, and seed S adds seed=S data.seed=S. Each run gets its
-own directory OUT/runs/<variant>/seed<S>/ (TensorBoard events, final checkpoint, train.log; a
-result.json once it succeeded); the tool writes OUT/results.md, OUT/results.json, OUT/curves.png.
+Overrides after `--` apply to every run (a variant's own value of the same key wins), and
+seed S adds seed=S data.seed=S. Each run gets its own directory OUT/runs/<variant>/seed<S>/
+(TensorBoard events, final checkpoint, train.log; a result.json once it succeeded); the tool
+writes OUT/results.md, OUT/results.json, OUT/curves.png.
 Runs execute in the repository root: relative paths (--out, --config, overrides) are relative to it.
 Exit status: 0 if every run succeeded, 1 if any failed, 2 for bad arguments or configuration,
 130 when interrupted (running runs are stopped).
@@ -191,14 +192,22 @@ def expand_variants(grid: Sequence[str], variants: Sequence[str]) -> list[Varian
 
 
 def plan_runs(variants: Sequence[Variant], seeds: Sequence[int], common: Sequence[str], out: Path) -> list[Run]:
-    """One run per seed and variant, seed-major so that early results cover every variant."""
+    """One run per seed and variant, seed-major so that early results cover every variant.
+
+    A variant's override replaces a common override of the same key.
+    """
     runs = []
     for seed, variant in itertools.product(seeds, variants):
         run_dir = out / "runs" / variant.slug / f"seed{seed}"
+        own_keys = {override.split("=", 1)[0].strip() for override in variant.overrides}
+        kept = [override for override in common if override.split("=", 1)[0].strip() not in own_keys]
+        user = [*kept, *variant.overrides]
+        only_final = [] if any(o.startswith("checkpoint.save_interval=") for o in user) else [
+            "checkpoint.save_interval=1000000000"  # only the final checkpoint, unless asked otherwise
+        ]
         overrides = (
-            "checkpoint.save_interval=1000000000",  # only the final checkpoint (overridable)
-            *common,
-            *variant.overrides,
+            *only_final,
+            *user,
             f"seed={seed}",
             f"data.seed={seed}",
             f"checkpoint.dir={run_dir / 'checkpoints'}",

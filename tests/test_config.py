@@ -60,7 +60,7 @@ def test_world_size_must_divide_by_tensor_parallel() -> None:
 
 def test_ds_config_takes_batch_sizes_from_megamm_config() -> None:
     config = load_config("tiny", ["micro_batch_size=8", "grad_accum_steps=3", "precision=bf16"])
-    ds = build_ds_config({"zero_optimization": {"stage": 1}}, config, dp_size=4)
+    ds = build_ds_config({"zero_optimization": {"stage": 3}}, config, dp_size=4)
     assert ds["train_batch_size"] == 8 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["zero_optimization"]["stage"] == config.parallel.zero_stage and ds["bf16"]["enabled"]
     with pytest.raises(ConfigError, match="train_batch_size"):
@@ -140,3 +140,36 @@ def test_a_recipe_with_a_yaml_syntax_error_is_named(tmp_path) -> None:
     recipe.write_text("model:\n  embed_dim: 64\n text: [\n")
     with pytest.raises(ConfigError, match=rf"recipe {re.escape(str(recipe))} is not valid YAML at line \d+"):
         load_config(str(recipe))
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ({"zero_optimization": {"stage": 1}}, "'zero_optimization.stage': 1 but parallel.zero_stage=3"),
+        ({"gradient_clipping": 0.5}, "'gradient_clipping': 0.5 but optim.grad_clip=1.0"),
+        ({"bf16": {"enabled": True}}, "'bf16.enabled': True but precision=fp32"),
+        ({"optimizer": {"type": "Adam"}}, "sets 'optimizer'; remove it and set optim.*"),
+        ({"scheduler": {"type": "WarmupLR"}}, "sets 'scheduler'"),
+        ({"zero_optimisation": {"stage": 3}}, "'zero_optimisation', which megamm does not pass on"),
+        ({"zero_optimization": 3}, "'zero_optimization' must be an object"),
+    ],
+)
+def test_ds_template_never_overridden_silently(template: dict, message: str) -> None:
+    config = load_config("tiny")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_ds_config(template, config, dp_size=2)
+
+
+def test_ds_template_may_repeat_agreeing_values_and_must_be_an_object(tmp_path) -> None:
+    from megamm.engine import load_template
+
+    config = load_config("tiny", ["optim.grad_clip=0.5"])
+    ds = build_ds_config({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}, config, dp_size=2)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
+    array = tmp_path / "array.json"
+    array.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(array))} must be a JSON object"):
+        load_template(array)
+    for shipped in sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json")):
+        stage = load_template(shipped)["zero_optimization"]["stage"]
+        build_ds_config(load_template(shipped), load_config("tiny", [f"parallel.zero_stage={stage}"]), dp_size=2)

@@ -11,6 +11,8 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from megamm.data import (
     train_tokenizer,
     write_demo_dataset,
 )
+from tests.launch import ROOT
 
 IMAGE_SIZE = 16
 TEXT_LENGTH = 24
@@ -435,6 +438,42 @@ def test_demo_generation_is_reused_and_deterministic(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["params"]["seed"] == 2
     assert (tmp_path / "a" / "train" / "shard-000000.tar").read_bytes() != (
         tmp_path / "b" / "train" / "shard-000000.tar").read_bytes()
+
+
+def test_demo_generation_never_touches_shards_it_did_not_write(tmp_path: Path) -> None:
+    params = dict(train_shards=2, samples_per_shard=4, eval_samples=5, image_size=16, seed=1, workers=1)
+    theirs = tmp_path / "data" / "train"
+    theirs.mkdir(parents=True)
+    for index in range(12):  # a user's own shards, with the generator's file names
+        (theirs / f"shard-{index:06d}.tar").write_bytes(f"user shard {index}".encode())
+    before = file_state(tmp_path / "data")
+    command = [sys.executable, str(ROOT / "tools/make_demo_data.py"), "--out", str(tmp_path / "data")]
+    for key, value in params.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "12 shard(s) this generator did not write" in result.stderr and "--force" in result.stderr
+    assert file_state(tmp_path / "data") == before
+
+    forced = subprocess.run(command + ["--force"], capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    assert "replacing or deleting" in forced.stderr and "shard-000011.tar" in forced.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+
+    out_file = tmp_path / "a-file"
+    out_file.write_text("x")
+    named_file = subprocess.run(command[:3] + [str(out_file)], capture_output=True, text=True, timeout=120)
+    assert named_file.returncode == 2 and "is a file; name a directory" in named_file.stderr
+
+
+def test_interrupted_generation_is_redone_not_refused(tmp_path: Path) -> None:
+    params = dict(train_shards=2, samples_per_shard=4, eval_samples=5, image_size=16, seed=1, workers=1)
+    write_demo_dataset(tmp_path, **params)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["complete"] = False  # as an interrupted run leaves it
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    redone = write_demo_dataset(tmp_path, **params)
+    assert redone["reused"] is False and redone["complete"] is True
 
 
 def test_demo_rejects_too_many_eval_samples(tmp_path: Path) -> None:

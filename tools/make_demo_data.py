@@ -2,12 +2,14 @@
 
     python tools/make_demo_data.py --out demo_data
 
-Reuses an existing dataset written with the same parameters.
+Reuses an existing dataset written with the same parameters. Replaces only shards that it wrote
+itself (listed in its manifest.json); other shards in the way are refused unless --force.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -26,11 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="random seed; the output is a function of the arguments")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel writer processes (default: one per CPU)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace shard-NNNNNN.tar files in the output that this tool did not write")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.perf_counter()
     try:
         manifest = write_demo_dataset(
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
             seed=args.seed,
             workers=args.workers,
+            force=args.force,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

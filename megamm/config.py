@@ -21,6 +21,8 @@ from typing import Any, Sequence, TypeVar, get_type_hints
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+INIT_SCHEMES = ("fan_in", "fixed")
+"""Values of ``model.init`` (see megamm/model/init.py)."""
 
 
 class ConfigError(ValueError):
@@ -116,8 +118,8 @@ class ModelConfig:
         self.image.validate(f"{prefix}.image")
         _require(self.embed_dim > 0, f"{prefix}.embed_dim must be positive, got {self.embed_dim}")
         _require(
-            self.init in ("fan_in", "fixed"),
-            f"{prefix}.init={self.init!r} is not one of fan_in, fixed",
+            self.init in INIT_SCHEMES,
+            f"{prefix}.init={self.init!r} is not one of {', '.join(INIT_SCHEMES)}",
         )
         _require(self.init_std > 0, f"{prefix}.init_std must be positive, got {self.init_std}")
         _require(

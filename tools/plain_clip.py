@@ -145,23 +145,18 @@ def random_batches(size: int, batch_size: int, steps: int, seed: int) -> torch.T
 
 
 def load_split(shards: str, tokenizer_path: str, image_size: int, max_length: int) -> InMemoryData:
-    """Decode every usable sample of ``shards`` (a megamm shard spec) into memory, in file order."""
-    import numpy as np
+    """Every usable sample of ``shards`` (a megamm shard spec), decoded into memory in file order.
 
-    from megamm.data import Tokenizer, decode_image, expand_shards, images_to_tensor, iter_tar_samples
+    Decoding, tokenisation and the skipping of bad samples are megamm's own
+    (``megamm.data.iter_eval_batches``), so both models see exactly what megamm trains on.
+    """
+    from megamm.config import DataConfig
+    from megamm.data import Tokenizer, iter_eval_batches
 
-    tokenizer = Tokenizer(tokenizer_path)
-    pixels, ids, mask = [], [], []
-    for sample in iter_tar_samples(expand_shards(shards, "shards"), lambda exn: True):
-        image_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        if image_key is None or "txt" not in sample:
-            continue
-        pixels.append(decode_image(bytes(sample[image_key]), image_size))
-        encoded_ids, encoded_mask = tokenizer.encode(bytes(sample["txt"]).decode("utf-8").strip(), max_length)
-        ids.append(encoded_ids)
-        mask.append(encoded_mask)
+    config = DataConfig(eval_shards=shards, tokenizer=tokenizer_path, image_size=image_size, max_text_length=max_length)
+    batches = list(iter_eval_batches(config, Tokenizer(tokenizer_path), batch_size=1024))
     return InMemoryData(
-        images_to_tensor(np.stack(pixels)),
-        torch.tensor(ids, dtype=torch.int64),
-        torch.tensor(mask, dtype=torch.bool),
+        torch.cat([b["image"] for b in batches]),  # (N, 3, S, S)
+        torch.cat([b["text_ids"] for b in batches]),  # (N, T)
+        torch.cat([b["text_mask"] for b in batches]),  # (N, T)
     )

@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megamm.config import INIT_SCHEMES
 from megamm.parallel import normal_init
 from megamm.parallel.layers import InitMethod
-
-SCHEMES = ("fan_in", "fixed")
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,8 @@ class WeightInit:
     """Token embeddings' std (both schemes)."""
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"init scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.scheme not in INIT_SCHEMES:
+            raise ValueError(f"init scheme {self.scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
 
     def linear_std(self, fan_in: int) -> float:
         """Std of a matrix that reads ``fan_in`` features."""

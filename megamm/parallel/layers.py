@@ -96,8 +96,8 @@ class ColumnParallelLinear(nn.Module):
         self.out_features = out_features
         self.gather_output = gather_output
         part = _divide(out_features, stacked, "out_features / stacked")
-        self.out_per_rank = _divide(out_features, group_size(group), "out_features")
-        _divide(part, group_size(group), "out_features / stacked")
+        what = "out_features" if stacked == 1 else "out_features / stacked"
+        self.out_per_rank = stacked * _divide(part, group_size(group), what)
         masters = [torch.empty(part, in_features, device=device) for _ in range(stacked)]
         for master in masters:
             init_method(master)

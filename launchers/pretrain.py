@@ -4,15 +4,23 @@
     deepspeed --num_gpus 4 launchers/pretrain.py --config tiny parallel.tensor_parallel=2
     deepspeed --hostfile hosts launchers/pretrain.py --config tiny --resume auto
 
+or as one process: python launchers/pretrain.py --config tiny (MASTER_PORT: a free one unless set).
 Positional ``key.sub=value`` arguments override the recipe.
+
+Exit status: 0 done, 2 a usage or configuration error (nothing was written), 1 a failure while
+training. When a rank fails, it prints "[rankN] FAILED: <cause>" first; the ranks it leaves
+waiting print one line each and stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from megamm.config import ConfigError, load_config
+from megamm.engine import is_peer_failure, launch_info
 from megamm.train import run_pretraining
 
 
@@ -28,14 +36,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _cause(error: BaseException) -> str:
+    """One line naming the error; a DataLoader worker's error is unwrapped to the original."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.splitlines()[-1]  # "<Type>: <message>" as raised inside the worker
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _stop(code: int) -> None:
+    """Leave at once: a rank whose peers are gone can hang in process-group teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    info = launch_info()
+    prefix = f"[rank{info.rank}] " if info.world_size > 1 else ""
     try:
         config = load_config(args.config, args.overrides)
         run_pretraining(config, args.ds_config, args.resume)
     except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+        print(f"{prefix}configuration error: {error}", file=sys.stderr, flush=True)
         return 2
+    except Exception as error:  # a failure while training: make this rank's cause stand out
+        if is_peer_failure(error):
+            print(
+                f"{prefix}stopped: another rank failed ({_cause(error)[:160]}); its cause is the line "
+                "'[rankN] FAILED: ...'",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(f"{prefix or '[rank0] '}FAILED: {_cause(error)}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        if info.world_size > 1:
+            _stop(1)
+        return 1
     return 0
 
 

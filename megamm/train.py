@@ -1,14 +1,14 @@
 """The training loop: a small Trainer with explicit, checkpointed state.
 
-``run_pretraining`` is what ``launchers/pretrain.py`` calls on every rank: it validates the
-configuration before any process group starts, builds the parallel state, model, DeepSpeed
-engine and data loader, resumes if asked, trains, checkpoints and evaluates retrieval.
+``run_pretraining`` is what ``launchers/pretrain.py`` calls on every rank: it runs every cheap
+check before any process group starts (``megamm.preflight``), takes the checkpoint directory's
+run lock, builds the parallel state, model, DeepSpeed engine and data loader, resumes if asked,
+trains, checkpoints and evaluates retrieval.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,23 +18,24 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megamm.config import ConfigError, TrainConfig, to_dict
-from megamm.data import Batch, Tokenizer, build_train_loader, iter_eval_batches
+from megamm.config import TrainConfig, to_dict
+from megamm.data import Batch, build_train_loader
 from megamm.engine import (
-    build_ds_config,
+    LaunchInfo,
+    RunLock,
     build_engine,
-    check_layout,
     device,
     init_distributed,
-    latest_complete,
+    launch_info,
     load_checkpoint,
-    load_template,
     save_checkpoint,
 )
 from megamm.evaluation import retrieval_metrics
+from megamm.fileio import atomic_output
 from megamm.metrics import MetricsWriter, Throughput
 from megamm.model import MultiModalTransformer
 from megamm.parallel import ParallelState
+from megamm.preflight import StartPlan, parallel_layout, preflight
 
 log = logging.getLogger("megamm")
 
@@ -108,6 +109,8 @@ class Trainer:
         eval_batches: list[Batch],
         writer: MetricsWriter,
         state: TrainState,
+        marker: dict[str, Any],
+        lock: Optional[RunLock] = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -116,6 +119,10 @@ class Trainer:
         self.eval_batches = eval_batches
         self.writer = writer
         self.state = state
+        self.marker = marker
+        """What each checkpoint's completion marker records besides the step (layout, config)."""
+        self.lock = lock
+        """checkpoint.dir's run lock, on the rank that holds it."""
         self.device = device()
 
     def train_step(self) -> float:
@@ -182,6 +189,8 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
+        if self.lock is not None:
+            self.lock.check()  # another run took checkpoint.dir over: never write into its checkpoints
         client_state = {"train_state": asdict(self.state), "config": to_dict(self.config)}
         path = save_checkpoint(
             self.engine,
@@ -189,38 +198,11 @@ class Trainer:
             self.state.step,
             client_state,
             self.config.checkpoint.keep_last,
-            parallel_layout(self.parallel.world_size, self.parallel.tp_size, self.parallel.dp_size),
+            self.marker,
         )
         self.writer.flush()
         log.info("saved checkpoint %s", path)
         return path
-
-
-def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int) -> dict[str, int]:
-    """The parallel sizes a checkpoint is tied to."""
-    return {"world_size": world_size, "tensor_parallel": tensor_parallel, "data_parallel": data_parallel}
-
-
-def resolve_resume(resume: str, checkpoint_dir: str) -> Optional[Path]:
-    """Map --resume (auto | none | a checkpoint path) to the checkpoint to load, if any.
-
-    Refuses to start fresh over a directory that already holds complete checkpoints, which a
-    new run would otherwise overwrite step by step.
-    """
-    if resume == "auto":
-        return latest_complete(checkpoint_dir)
-    if resume == "none":
-        existing = latest_complete(checkpoint_dir)
-        if existing is not None:
-            raise ConfigError(
-                f"checkpoint.dir={checkpoint_dir} already holds checkpoints (newest: {existing.name}); "
-                "pass --resume auto to continue that run, or choose another checkpoint.dir"
-            )
-        return None
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"--resume {resume}: no such checkpoint directory (use auto, none or a path)")
-    return path
 
 
 def _setup_logging(rank: int) -> None:
@@ -234,29 +216,28 @@ def _setup_logging(rank: int) -> None:
 
 
 def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "auto") -> dict[str, float]:
-    """Train ``config`` on every rank of the current launch; returns the final eval metrics."""
-    # Everything that can fail on bad input fails here, before any process group starts.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size = config.parallel.data_parallel_size(world_size)
-    ds_config = build_ds_config(load_template(ds_config_path), config, dp_size)
-    tokenizer = Tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > config.model.text.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} pieces but model.text.vocab_size="
-            f"{config.model.text.vocab_size}; raise model.text.vocab_size to at least that"
-        )
-    checkpoint = resolve_resume(resume, config.checkpoint.dir)
-    if checkpoint is not None:
-        try:
-            check_layout(checkpoint, parallel_layout(world_size, config.parallel.tensor_parallel, dp_size))
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(str(error)) from None
+    """Train ``config`` on every rank of the current launch; returns the final eval metrics.
 
-    init_distributed()
+    Every check that needs no process group runs first (:func:`megamm.preflight.preflight`);
+    then rank 0 takes ``checkpoint.dir``'s run lock, released however the run ends. A start
+    that fails leaves the checkpoint and TensorBoard directories as they were.
+    """
+    info = launch_info()
+    _setup_logging(info.rank)
+    plan = preflight(config, ds_config_path, resume, info)
+    lock = RunLock(config.checkpoint.dir).acquire() if info.rank == 0 else None
+    try:
+        return _train(config, plan, info, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optional[RunLock]) -> dict[str, float]:
+    init_distributed(info)
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
-    _setup_logging(parallel.rank)
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    log.info("%d ranks: tp=%d dp=%d zero=%d", world_size, parallel.tp_size, dp_size, zero_stage)
+    zero_stage = plan.ds_config["zero_optimization"]["stage"]
+    log.info("%d ranks: tp=%d dp=%d zero=%d", info.world_size, parallel.tp_size, plan.dp_size, zero_stage)
     if zero_stage != config.parallel.zero_stage:
         log.info(
             "parallel.zero_stage=%d: a single process has nothing to partition, so ZeRO stage %d runs "
@@ -271,32 +252,36 @@ def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "aut
     sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     full = local + (parallel.tp_size - 1) * sharded
     log.info("model: %.2fM parameters (%.2fM on each tensor-parallel rank, before ZeRO)", full / 1e6, local / 1e6)
-    engine = build_engine(model, config.optim, config.train_steps, ds_config, parallel)
+    engine = build_engine(model, config.optim, config.train_steps, plan.ds_config, parallel)
 
     state = TrainState()
-    if checkpoint is not None:
-        client_state = load_checkpoint(engine, checkpoint)
+    if plan.resume_from is not None:
+        client_state = load_checkpoint(engine, plan.resume_from)
         state = TrainState(**client_state["train_state"])
-        log.info("resumed from %s at step %d", checkpoint, state.step)
+        log.info("resumed from %s at step %d", plan.resume_from, state.step)
 
+    # Nothing is written to the run's directories before this point.
     writer = MetricsWriter(config.logging.tensorboard_dir, active=parallel.rank == 0)
     if parallel.rank == 0:
-        Path(config.logging.tensorboard_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.logging.tensorboard_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(config)))
+        with atomic_output(Path(config.logging.tensorboard_dir) / "config.yaml") as handle:
+            handle.write(yaml.safe_dump(to_dict(config)).encode("utf-8"))
     loader = build_train_loader(
-        config.data, tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, state.batches_consumed
+        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, state.batches_consumed
     )
-    eval_batches = list(iter_eval_batches(config.data, tokenizer, config.micro_batch_size))
-    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state)
+    marker = {
+        **parallel_layout(info.world_size, parallel.tp_size, parallel.dp_size),
+        "config": to_dict(config),
+        "tokenizer_sha256": plan.tokenizer.fingerprint,
+    }
+    trainer = Trainer(engine, config, parallel, iter(loader), plan.eval_batches, writer, state, marker, lock)
     try:
         metrics = trainer.fit() if state.step < config.train_steps else trainer.evaluate()
     finally:
         writer.close()
     if parallel.rank == 0:
-        chance = 1.0 / sum(len(batch["keys"]) for batch in eval_batches)
         print(
             f"held-out retrieval: text->image R@1 {metrics['text_to_image_R@1']:.3f} "
-            f"(chance {chance:.3f}), R@5 {metrics['text_to_image_R@5']:.3f}; "
+            f"(chance {1.0 / plan.eval_samples:.3f}), R@5 {metrics['text_to_image_R@5']:.3f}; "
             f"image->text R@1 {metrics['image_to_text_R@1']:.3f}",
             flush=True,
         )
@@ -305,4 +290,4 @@ def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "aut
     return metrics
 
 
-__all__ = ["TrainState", "Trainer", "evaluate_retrieval", "resolve_resume", "run_pretraining"]
+__all__ = ["TrainState", "Trainer", "evaluate_retrieval", "run_pretraining"]

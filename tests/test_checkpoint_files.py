@@ -9,7 +9,7 @@ import pytest
 
 from megamm.config import ConfigError
 from megamm.engine.checkpoint import MARKER, _prune, check_layout, complete_checkpoints, latest_complete
-from megamm.train import resolve_resume
+from megamm.preflight import resolve_resume
 
 
 def _checkpoint(root: Path, step: int, complete: bool = True) -> Path:

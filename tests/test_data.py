@@ -31,6 +31,7 @@ from megamm.data import (
     expand_shards,
     iter_captions,
     iter_eval_batches,
+    known_sample_count,
     train_tokenizer,
     write_demo_dataset,
 )
@@ -423,8 +424,12 @@ def test_demo_generation_is_reused_and_deterministic(tmp_path: Path) -> None:
     first = write_demo_dataset(tmp_path / "a", **params)
     assert first["reused"] is False
     before = file_state(tmp_path / "a")
-    assert set(before) == {"manifest.json", "eval/shard-000000.tar",
+    assert set(before) == {"manifest.json", "eval/shard-000000.tar", "eval/sizes.json", "train/sizes.json",
                            "train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar"}
+    sizes = json.loads((tmp_path / "a" / "train" / "sizes.json").read_text())
+    assert sizes == {f"shard-{i:06d}.tar": 4 for i in range(3)}
+    assert known_sample_count([str(tmp_path / "a" / "train" / f"shard-{i:06d}.tar") for i in range(3)]) == 12
+    assert known_sample_count([str(tmp_path / "a" / "train" / "shard-000000.tar"), str(tmp_path / "x.tar")]) is None
     again = write_demo_dataset(tmp_path / "a", **params)
     assert again["reused"] is True and file_state(tmp_path / "a") == before
 
@@ -452,13 +457,13 @@ def test_demo_generation_never_touches_shards_it_did_not_write(tmp_path: Path) -
         command += [f"--{key.replace('_', '-')}", str(value)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "12 shard(s) this generator did not write" in result.stderr and "--force" in result.stderr
+    assert "12 file(s) this generator did not write" in result.stderr and "--force" in result.stderr
     assert file_state(tmp_path / "data") == before
 
     forced = subprocess.run(command + ["--force"], capture_output=True, text=True, timeout=120)
     assert forced.returncode == 0, forced.stderr
     assert "replacing or deleting" in forced.stderr and "shard-000011.tar" in forced.stderr
-    assert sorted(p.name for p in theirs.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in theirs.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "sizes.json"]
 
     out_file = tmp_path / "a-file"
     out_file.write_text("x")

@@ -19,7 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "fileio": set(),
     "evaluation": set(),
     "metrics": {"flops"},
-    "train": {"config", "flops", "parallel", "model", "engine", "data", "evaluation", "metrics", "fileio"},
+    "preflight": {"config", "data", "engine"},
+    "train": {"config", "flops", "parallel", "model", "engine", "data", "evaluation", "metrics", "fileio", "preflight"},
     "": {"config"},  # megamm/__init__.py
 }
 

@@ -9,11 +9,19 @@ from megamm.data.pipeline import (
     IMAGE_EXTENSIONS,
     Batch,
     build_train_loader,
+    check_shard_count,
     decode_image,
     images_to_tensor,
     iter_eval_batches,
 )
-from megamm.data.shards import brace_expand, expand_shards, iter_tar_samples
+from megamm.data.shards import (
+    SIZES_FILE,
+    brace_expand,
+    check_shards_readable,
+    expand_shards,
+    iter_tar_samples,
+    known_sample_count,
+)
 from megamm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
 from megamm.fileio import atomic_output
 
@@ -26,18 +34,22 @@ __all__ = [
     "PAD_ID",
     "POSITIONS",
     "SHAPES",
+    "SIZES_FILE",
     "UNK_ID",
     "Batch",
     "Tokenizer",
     "atomic_output",
     "brace_expand",
     "build_train_loader",
+    "check_shard_count",
+    "check_shards_readable",
     "decode_image",
     "expand_shards",
     "images_to_tensor",
     "iter_captions",
     "iter_eval_batches",
     "iter_tar_samples",
+    "known_sample_count",
     "train_tokenizer",
     "write_demo_dataset",
 ]

@@ -6,6 +6,7 @@ learn to match them. Layout written by :func:`write_demo_dataset`::
 
     out_dir/train/shard-000000.tar ...   samples train-000000, train-000001, ...
     out_dir/eval/shard-000000.tar        samples eval-000000, ... (each attribute combination once)
+    out_dir/{train,eval}/sizes.json      samples per shard (the convention OpenCLIP reads too)
     out_dir/manifest.json                counts and parameters; "complete" once every shard is written
 
 Each sample has ``png`` (RGB image), ``txt`` (caption) and ``json`` (attributes).
@@ -30,7 +31,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from megamm.data.shards import iter_tar_samples
+from megamm.data.shards import SIZES_FILE, iter_tar_samples
 from megamm.fileio import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -299,6 +300,12 @@ def _shard_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("shard-*.tar") if re.fullmatch(r"shard-\d{6}\.tar", p.name))
 
 
+def _written_files(root: Path) -> set[str]:
+    """Files under ``root`` (relative) with the names a generation writes: shards and sizes tables."""
+    found = {str(p.relative_to(root)) for split in ("train", "eval") for p in _shard_files(root / split)}
+    return found | {f"{split}/{SIZES_FILE}" for split in ("train", "eval") if (root / split / SIZES_FILE).exists()}
+
+
 def _owned_shards(manifest_path: Path) -> set[str]:
     """Shards (relative paths) that an earlier generation listed in its manifest, finished or not."""
     try:
@@ -308,7 +315,8 @@ def _owned_shards(manifest_path: Path) -> set[str]:
     if not isinstance(manifest, dict) or "format_version" not in manifest.get("params", {}):
         return set()
     listed = [rel for split in ("train", "eval") for rel in manifest.get(split, {}).get("shards", [])]
-    return {str(rel) for rel in listed + manifest.get("claimed", [])}
+    sizes = [manifest[split]["sizes"] for split in ("train", "eval") if "sizes" in manifest.get(split, {})]
+    return {str(rel) for rel in listed + sizes + manifest.get("claimed", [])}
 
 
 class ForeignFilesError(ValueError):
@@ -324,12 +332,11 @@ def _check_ownership(root: Path, force: bool) -> list[str]:
     """
     if root.exists() and not root.is_dir():
         raise ValueError(f"output {root} is a file; name a directory (e.g. --out demo_data)")
-    existing = {str(p.relative_to(root)) for split in ("train", "eval") for p in _shard_files(root / split)}
-    foreign = sorted(existing - _owned_shards(root / "manifest.json"))
+    foreign = sorted(_written_files(root) - _owned_shards(root / "manifest.json"))
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ForeignFilesError(
-            f"{root} holds {len(foreign)} shard(s) this generator did not write ({shown}); they would be "
+            f"{root} holds {len(foreign)} file(s) this generator did not write ({shown}); they would be "
             f"overwritten or deleted. Choose another output directory, or pass --force to replace them"
         )
     return foreign
@@ -349,6 +356,8 @@ def _read_reusable_manifest(manifest_path: Path, params: dict[str, Any]) -> dict
         shards = entry.get("shards") if isinstance(entry, dict) else None
         if not isinstance(shards, list) or not shards or not all((root / str(rel)).is_file() for rel in shards):
             return None
+        if not (root / str(entry.get("sizes", ""))).is_file():
+            return None  # written before sizes tables existed
     return manifest
 
 
@@ -418,7 +427,8 @@ def write_demo_dataset(
         logger.warning("--force: replacing or deleting %s, which this generator did not write", root / foreign)
     # Claim every shard this generation may touch, before touching any: an interrupted run
     # leaves an incomplete manifest (never reused), and the next run knows these files are ours.
-    claimed = sorted(set(train_shard_paths + eval_shard_paths) | _owned_shards(manifest_path))
+    sizes_paths = [f"train/{SIZES_FILE}", f"eval/{SIZES_FILE}"]
+    claimed = sorted(set(train_shard_paths + eval_shard_paths + sizes_paths) | _owned_shards(manifest_path))
     in_progress = {"params": params, "complete": False, "claimed": claimed}
     with atomic_output(manifest_path) as handle:
         handle.write((json.dumps(in_progress, indent=2) + "\n").encode("utf-8"))
@@ -429,7 +439,11 @@ def write_demo_dataset(
             for i, name in enumerate(train_names)
         ),
     ]
-    eval_count = _run_jobs(jobs, workers or os.cpu_count() or 1)[0]
+    counts = _run_jobs(jobs, workers or os.cpu_count() or 1)
+    eval_count = counts[0]
+    for split, names, split_counts in (("eval", [_shard_name(0)], counts[:1]), ("train", train_names, counts[1:])):
+        with atomic_output(root / split / SIZES_FILE) as handle:
+            handle.write((json.dumps(dict(zip(names, split_counts)), indent=2) + "\n").encode("utf-8"))
     keep = set(train_shard_paths + eval_shard_paths)
     for split in ("train", "eval"):
         for path in _shard_files(root / split):
@@ -442,11 +456,13 @@ def write_demo_dataset(
         "train": {
             "pattern": f"train/shard-{{000000..{train_shards - 1:06d}}}.tar",
             "shards": train_shard_paths,
+            "sizes": f"train/{SIZES_FILE}",
             "samples": train_shards * samples_per_shard,
         },
         "eval": {
             "pattern": "eval/shard-{000000..000000}.tar",
             "shards": eval_shard_paths,
+            "sizes": f"eval/{SIZES_FILE}",
             "samples": eval_count,
         },
         "attributes": {"colours": list(COLOURS), "shapes": list(SHAPES), "positions": list(POSITIONS)},

@@ -319,6 +319,17 @@ def _check_loader_args(dp_rank: int, dp_size: int, micro_batch_size: int, start_
         raise ValueError(f"start_batch={start_batch} must be >= 0")
 
 
+def check_shard_count(shards: list[str], cfg: DataConfig, dp_size: int) -> None:
+    """Refuse fewer training shards than streams (``dp_size`` ranks x loader workers)."""
+    workers = max(cfg.num_workers, 1)
+    if len(shards) < dp_size * workers:
+        raise ConfigError(
+            f"data.train_shards={cfg.train_shards!r} has {len(shards)} shards, but {dp_size} data-parallel "
+            f"ranks x {workers} loader workers (data.num_workers={cfg.num_workers}) need at least "
+            f"{dp_size * workers}; write more, smaller shards or lower data.num_workers"
+        )
+
+
 def build_train_loader(
     cfg: DataConfig,
     tokenizer: Tokenizer,
@@ -347,13 +358,7 @@ def build_train_loader(
     cfg.validate("data")
     _check_loader_args(dp_rank, dp_size, micro_batch_size, start_batch)
     shards = expand_shards(cfg.train_shards, "data.train_shards")
-    workers = max(cfg.num_workers, 1)
-    if len(shards) < dp_size * workers:
-        raise ConfigError(
-            f"data.train_shards={cfg.train_shards!r} has {len(shards)} shards, but {dp_size} data-parallel "
-            f"ranks x {workers} loader workers (data.num_workers={cfg.num_workers}) need at least "
-            f"{dp_size * workers}; write more, smaller shards or lower data.num_workers"
-        )
+    check_shard_count(shards, cfg, dp_size)
     dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start_batch)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
 

@@ -11,8 +11,10 @@ A shard specification (``data.train_shards``, ``data.eval_shards``) is one of, o
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -22,6 +24,9 @@ from webdataset import tariterators
 from megamm.config import ConfigError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+SIZES_FILE = "sizes.json"
+"""Per-directory sample counts, ``{"shard-000000.tar": 1024, ...}`` (the OpenCLIP convention)."""
 
 _FIX_HINT = "run tools/make_demo_data.py or fix the path"
 
@@ -108,6 +113,56 @@ def expand_shards(spec: str, field_name: str) -> list[str]:
     if not paths:
         raise ConfigError(f"{field_name}={spec!r} matched no files; {_FIX_HINT}")
     return sorted(paths)
+
+
+def check_shards_readable(paths: Iterable[str], field_name: str, read_header: bool) -> None:
+    """Refuse shards this process cannot read, before any work starts.
+
+    Every path is checked for read permission; with ``read_header`` its first tar header is
+    also read and validated (cheap for a few evaluation shards, not meant for thousands).
+
+    Raises:
+        ConfigError: naming the field, the file and what is wrong with it.
+    """
+    for path in paths:
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{field_name}: shard {path} is not readable (permissions); fix them or the path")
+        if not read_header:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                block = handle.read(tarfile.BLOCKSIZE)
+        except OSError as err:
+            raise ConfigError(f"{field_name}: shard {path} cannot be read ({err.strerror}); fix the file") from None
+        try:
+            tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise ConfigError(f"{field_name}: shard {path} is empty or truncated; rewrite it or remove it from the specification") from None
+        except tarfile.HeaderError:
+            raise ConfigError(
+                f"{field_name}: shard {path} is not a tar file (its first header does not parse); "
+                "rewrite it or remove it from the specification"
+            ) from None
+
+
+def known_sample_count(paths: Iterable[str]) -> int | None:
+    """Total samples in ``paths`` according to each directory's ``sizes.json``; None if any is unknown."""
+    tables: dict[str, dict[str, Any]] = {}
+    total = 0
+    for path in paths:
+        directory, name = os.path.split(path)
+        if directory not in tables:
+            try:
+                with open(os.path.join(directory, SIZES_FILE)) as handle:
+                    loaded = json.load(handle)
+                tables[directory] = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                tables[directory] = {}
+        count = tables[directory].get(name)
+        if not isinstance(count, int) or isinstance(count, bool):
+            return None
+        total += count
+    return total
 
 
 def _open_shards(

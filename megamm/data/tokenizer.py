@@ -7,6 +7,7 @@ length, with a boolean mask marking the real tokens.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -134,6 +135,11 @@ class Tokenizer:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.path = Path(str(state["path"]))
         self._load(bytes(state["proto"]))  # type: ignore[arg-type]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the model file: the same pieces and ids, wherever the file lives."""
+        return hashlib.sha256(self._proto).hexdigest()
 
     @property
     def vocab_size(self) -> int:

@@ -2,25 +2,50 @@
 
 from megamm.engine.builder import build_engine, warmup_cosine
 from megamm.engine.checkpoint import (
+    MARKER,
     check_layout,
     complete_checkpoints,
+    incomplete_checkpoints,
     latest_complete,
     load_checkpoint,
+    read_marker,
     save_checkpoint,
 )
-from megamm.engine.distributed import device, init_distributed
+from megamm.engine.distributed import (
+    LaunchInfo,
+    check_precision,
+    device,
+    free_port,
+    init_distributed,
+    is_peer_failure,
+    launch_info,
+    prepare_rendezvous,
+)
 from megamm.engine.ds_config import build_ds_config, load_template
+from megamm.engine.runlock import DirectoryLocked, LockLost, RunLock
 
 __all__ = [
+    "MARKER",
+    "DirectoryLocked",
+    "LaunchInfo",
+    "LockLost",
+    "RunLock",
     "build_ds_config",
     "build_engine",
     "check_layout",
+    "check_precision",
     "complete_checkpoints",
     "device",
+    "free_port",
+    "incomplete_checkpoints",
     "init_distributed",
+    "is_peer_failure",
     "latest_complete",
+    "launch_info",
     "load_checkpoint",
     "load_template",
+    "prepare_rendezvous",
+    "read_marker",
     "save_checkpoint",
     "warmup_cosine",
 ]

@@ -27,17 +27,27 @@ def tag_for_step(step: int) -> str:
     return f"global_step{step}"
 
 
-def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under ``directory``, oldest first."""
+def _tags(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``global_step<N>`` directory under ``directory``, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = []
     for child in directory.iterdir():
         match = TAG_PATTERN.match(child.name)
-        if match and (child / MARKER).is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``directory``, oldest first."""
+    return [(step, path) for step, path in _tags(directory) if (path / MARKER).is_file()]
+
+
+def incomplete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint tag under ``directory`` without a completion marker."""
+    return [(step, path) for step, path in _tags(directory) if not (path / MARKER).is_file()]
 
 
 def latest_complete(directory: str | Path) -> Optional[Path]:
@@ -57,12 +67,13 @@ def save_checkpoint(
     step: int,
     client_state: dict[str, Any],
     keep_last: int,
-    layout: dict[str, int],
+    marker: dict[str, Any],
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
-    ``layout`` (parallel sizes) goes into the completion marker, so that a resume with a
-    different layout is refused before DeepSpeed tries to load mismatched shards.
+    ``marker`` (the parallel layout, the run's config) goes into the completion marker with
+    the step, so that a resume with another layout or model is refused by reading one small
+    JSON file, before any process group starts or DeepSpeed loads mismatched shards.
     """
     directory = Path(directory)
     tag = tag_for_step(step)
@@ -74,7 +85,7 @@ def save_checkpoint(
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
-        _write_json_atomic(path / MARKER, {"step": step, **layout})
+        _write_json_atomic(path / MARKER, {"step": step, **marker})
         _prune(directory, keep_last)
     dist.barrier()
     return path

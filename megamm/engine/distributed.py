@@ -1,37 +1,161 @@
-"""Process-group start-up through DeepSpeed (device-agnostic: gloo on CPU, NCCL on CUDA)."""
+"""Process-group start-up through DeepSpeed (device-agnostic: gloo on CPU, NCCL on CUDA).
+
+Start-up is split so that everything that can fail on bad input fails before any process
+group exists: :func:`launch_info` reads what the launcher announced, :func:`prepare_rendezvous`
+fills in a launcher-less run and checks that rank 0 can bind the rendezvous port, and
+:func:`init_distributed` joins the group.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+from dataclasses import dataclass
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from megamm.config import ConfigError
 
-# Environment variables by which a launcher announces a multi-process job.
-_LAUNCHER_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# Environment variables by which a launcher announces a multi-process job, and the rank.
+_WORLD_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+_LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
 
 
-def init_distributed() -> None:
+@dataclass(frozen=True)
+class LaunchInfo:
+    """This process's place in the job, as the launcher announced it (before any process group)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    launched: bool
+    """False for a plain ``python launchers/pretrain.py``: a world of one."""
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def launch_info() -> LaunchInfo:
+    """World size and ranks from the launcher's variables (deepspeed, torchrun, MPI)."""
+    launched = any(os.environ.get(name, "").strip() for name in _WORLD_VARIABLES)
+    return LaunchInfo(
+        world_size=_first_int(_WORLD_VARIABLES, 1),
+        rank=_first_int(_RANK_VARIABLES, 0),
+        local_rank=_first_int(_LOCAL_RANK_VARIABLES, 0),
+        launched=launched,
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    """True if a listener holds ``host:port`` on this machine; False if free or ``host`` is not ours."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # the launcher's own problem; init_distributed reports it
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # TCPStore binds with SO_REUSEADDR too, so a port in TIME_WAIT is not reported.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return True
+                continue  # EADDRNOTAVAIL: MASTER_ADDR is another host
+    return False
+
+
+def prepare_rendezvous(info: LaunchInfo) -> None:
+    """Fill in a launcher-less run's rendezvous and check rank 0's port before any group starts.
+
+    A launcher-less run uses 127.0.0.1 and ``MASTER_PORT`` if the user set it, else a free
+    port. Rank 0 hosts the rendezvous store, so it checks that ``MASTER_PORT`` is free on
+    ``MASTER_ADDR`` (skipped under torchrun, whose agent already holds that port).
+
+    Raises:
+        ConfigError: the port is taken; the message names it and how to choose another.
+    """
+    if not info.launched:
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        for name, value in defaults.items():
+            os.environ.setdefault(name, value)
+        if not os.environ.get("MASTER_PORT", "").strip():
+            os.environ["MASTER_PORT"] = str(free_port(os.environ["MASTER_ADDR"]))
+    if info.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not host or not port.isdigit():
+        return  # MPI discovery fills these in inside deepspeed.init_distributed
+    if _port_in_use(host, int(port)):
+        fix = (
+            "pass another --master_port to the deepspeed launcher (or torchrun)"
+            if info.launched
+            else "unset MASTER_PORT to let megamm choose a free port, or set it to a free one"
+        )
+        raise ConfigError(
+            f"MASTER_PORT={port} on MASTER_ADDR={host} is already in use (another run, or one that "
+            f"has not exited yet); rank 0 needs it for the rendezvous. {fix[0].upper()}{fix[1:]}"
+        )
+
+
+def select_device(info: LaunchInfo) -> None:
+    """Bind this process to its accelerator (GPU ``local_rank``); on CPU set the thread count."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(info.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
+        # Ranks on this host: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        names = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "WORLD_SIZE")
+        local_world = next((int(os.environ[name]) for name in names if name in os.environ), 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision this machine's accelerator cannot train in (fp16 on CPU, say)."""
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported.get(precision, False):
+        usable = ", ".join(name for name, ok in supported.items() if ok)
+        raise ConfigError(
+            f"precision={precision}: the {accelerator.device_name()} accelerator cannot train in {precision}; "
+            f"use one of {usable}"
+        )
+
+
+def init_distributed(info: LaunchInfo | None = None) -> None:
     """Join the job started by a launcher (deepspeed, torchrun; MPI through DeepSpeed's discovery).
 
     A plain ``python launchers/pretrain.py`` without launcher variables runs as a world of one
-    on 127.0.0.1.
+    on 127.0.0.1 (see :func:`prepare_rendezvous`).
     """
-    if not any(name in os.environ for name in _LAUNCHER_VARIABLES):
-        single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
-        for name, value in single.items():
-            os.environ.setdefault(name, value)
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
-        # Ranks on this host: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
-        names = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE")
-        local_world = next((int(os.environ[name]) for name in names if name in os.environ), 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    info = info or launch_info()
+    prepare_rendezvous(info)
+    select_device(info)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True if ``error`` is a collective failing because another rank went away."""
+    text = str(error)
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+    return type(error).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError") and any(
+        marker in text for marker in markers
+    )
 
 
 def device() -> torch.device:

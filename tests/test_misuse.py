@@ -1,0 +1,374 @@
+"""Misuse through the real entry points: fail fast with exit 2, name the field or file, change nothing.
+
+Every refused start is checked three ways: the exit status, the message (it names the field or
+file), and the checksums of the shards, the checkpoints and the run directory before and after.
+The run lock, the port checks and a failing rank run real processes (and the real `deepspeed`
+launcher), on loopback only; every process a test starts it stops by PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from megamm.data import iter_captions, train_tokenizer, write_demo_dataset
+from tests.launch import ROOT, deepspeed_command, free_port, run
+
+PRETRAIN = str(ROOT / "launchers/pretrain.py")
+LOCK = "megamm.lock"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def digest(*roots: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file and a marker for every directory under ``roots`` (absent roots included)."""
+    state: dict[str, str] = {}
+    for root in roots:
+        if not root.exists():
+            state[str(root)] = "absent"
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.name in skip:
+                continue
+            state[str(path)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def pretrain(args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python launchers/pretrain.py ARGS`` as a user runs it: one process, no launcher."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    return subprocess.run(
+        [sys.executable, PRETRAIN, *args],
+        cwd=ROOT,
+        env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def overrides(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
+    """The test run's overrides, ``changes`` replacing (never repeating) a key; value None drops it."""
+    values = {
+        **data,
+        "micro_batch_size": "8",
+        "train_steps": "4",
+        "optim.warmup_steps": "1",
+        "checkpoint.save_interval": "2",
+        "checkpoint.dir": str(run_dir / "checkpoints"),
+        "logging.tensorboard_dir": str(run_dir / "tensorboard"),
+        **{key.replace("__", "."): value for key, value in changes.items()},
+    }
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    write_demo_dataset(root, train_shards=4, samples_per_shard=32, eval_samples=40, image_size=32, seed=0)
+    tokenizer = train_tokenizer(iter_captions(sorted(str(p) for p in (root / "train").glob("*.tar"))), root / "tok.model", 256)
+    return {"data.train_shards": str(root / "train"), "data.eval_shards": str(root / "eval"), "data.tokenizer": str(tokenizer)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(data: dict[str, str], tmp_path_factory) -> Path:
+    """A run directory with checkpoints at steps 2 and 4 and its TensorBoard events."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = pretrain(["--config", "tiny", *overrides(data, run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
+    assert not (run_dir / "checkpoints" / LOCK).exists(), "the lock outlived the run"
+    return run_dir
+
+
+@pytest.fixture()
+def listener() -> Iterator[int]:
+    """A port on 127.0.0.1 that something listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def _data_root(data: dict[str, str]) -> Path:
+    return Path(data["data.train_shards"]).parent
+
+
+def _assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "tp=" not in result.stderr, "a process group started before the error"
+
+
+# ----------------------------------------------------------------------------------------------
+# Refused starts: exit 2, a named field or file, nothing on disk changed
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# (id, how the arguments differ, fragments the message must hold). In "changes", "x__y" is x.y;
+# "+" adds raw arguments; "--config"/"--ds-config"/"env" set those.
+CASES = [
+    ("key-given-twice", {"+": ["train_steps=7"]}, ["train_steps is given twice", "give it once"]),
+    (
+        "brace-pattern-expanded-by-the-shell",
+        {"data__train_shards": None, "+": ["data.train_shards={root}/train/shard-000000.tar",
+                                            "data.train_shards={root}/train/shard-000001.tar"]},
+        ["data.train_shards is given twice", "quote it"],
+    ),
+    ("bool-as-int", {"train_steps": "true"}, ["train_steps: expected int, got True"]),
+    ("infinite-lr", {"optim__lr": "inf"}, ["optim.lr: expected a finite number"]),
+    ("empty-checkpoint-dir", {"checkpoint__dir": ""}, ["checkpoint.dir is empty"]),
+    ("unparsable-override", {"optim__betas": "[0.9, 0.99"}, ["optim.betas=[0.9, 0.99", "does not parse"]),
+    ("yaml-syntax-error", {"--config": "{tmp}/broken.yaml"}, ["{tmp}/broken.yaml is not valid YAML at line 3"]),
+    ("template-stage-1", {"--ds-config": "{tmp}/stage1.json"}, ["'zero_optimization.stage': 1 but parallel.zero_stage=3"]),
+    ("template-clipping", {"--ds-config": "{tmp}/clip.json"}, ["'gradient_clipping': 0.5 but optim.grad_clip=1.0"]),
+    ("template-optimizer", {"--ds-config": "{tmp}/optimizer.json"}, ["sets 'optimizer'"]),
+    ("template-unknown-key", {"--ds-config": "{tmp}/typo.json"}, ["'zero_optimisation', which megamm does not pass on"]),
+    ("template-array", {"--ds-config": "{tmp}/array.json"}, ["{tmp}/array.json must be a JSON object"]),
+    ("template-zero-int", {"--ds-config": "{tmp}/zero_int.json"}, ["'zero_optimization' must be an object"]),
+    ("train-shards-match-nothing", {"data__train_shards": "{root}/train/nothing-*.tar"}, ["data.train_shards=", "matched no files"]),
+    ("too-few-shards", {"data__num_workers": "5"}, ["has 4 shards", "x 5 loader workers", "need at least 5"]),
+    ("eval-shards-missing", {"data__eval_shards": "{root}/eval/missing.tar"}, ["data.eval_shards=", "missing.tar", "does not exist"]),
+    ("eval-shard-not-a-tar", {"data__eval_shards": "{tmp}/garbage.tar"}, ["data.eval_shards: shard {tmp}/garbage.tar is not a tar file"]),
+    ("fp16-on-cpu", {"precision": "fp16"}, ["precision=fp16: the cpu accelerator cannot train in fp16"]),
+    ("resume-other-model", {"model__text__num_layers": "3"}, ["global_step4 was saved with other settings", "model.text.num_layers 2 -> 3"]),
+    ("resume-other-lr", {"optim__lr": "0.005"}, ["optim.lr 0.002 -> 0.005", "silently ignored"]),
+    ("master-port-in-use", {"env": {"MASTER_PORT": "{port}"}}, ["MASTER_PORT={port} on MASTER_ADDR=127.0.0.1 is already in use"]),
+]
+
+
+def _case_files(tmp: Path) -> None:
+    _write(tmp / "broken.yaml", "model:\n  embed_dim: 64\n text: [\n")
+    for name, template in {
+        "stage1.json": {"zero_optimization": {"stage": 1}},
+        "clip.json": {"gradient_clipping": 0.5},
+        "optimizer.json": {"optimizer": {"type": "Adam", "params": {"lr": 0.1}}},
+        "typo.json": {"zero_optimisation": {"stage": 3}},
+        "zero_int.json": {"zero_optimization": 3},
+    }.items():
+        _write(tmp / name, json.dumps(template))
+    _write(tmp / "array.json", "[1, 2]")
+    (tmp / "garbage.tar").write_bytes(os.urandom(2048))
+
+
+# Cases also tried on a fresh run directory, which a refused start must not create.
+ALSO_FRESH = {"too-few-shards", "eval-shards-missing", "fp16-on-cpu", "master-port-in-use", "template-stage-1"}
+PARAMS = [
+    pytest.param(changes, fragments, state, id=f"{name}-{state}")
+    for name, changes, fragments in CASES
+    for state in (("resume", "fresh") if name in ALSO_FRESH else ("resume",))
+]
+
+
+@pytest.mark.parametrize("changes, fragments, run_state", PARAMS)
+def test_refused_start_changes_nothing(
+    data: dict[str, str], finished_run: Path, tmp_path: Path, listener: int, changes: dict, fragments: list[str],
+    run_state: str,
+) -> None:
+    _case_files(tmp_path)
+    run_dir = tmp_path / "fresh" if run_state == "fresh" else finished_run
+    names = {"root": str(_data_root(data)), "tmp": str(tmp_path), "port": str(listener)}
+
+    def fill(text: str) -> str:
+        return text.format(**names)
+
+    options = ["--config", fill(changes.get("--config", "tiny"))]
+    if "--ds-config" in changes:
+        options += ["--ds-config", fill(changes["--ds-config"])]
+    args = overrides(data, run_dir, **{k: v if v is None else fill(v) for k, v in changes.items() if k.isidentifier() and k != "env"})
+    args += [fill(raw) for raw in changes.get("+", [])]
+    env = {key: fill(value) for key, value in changes.get("env", {}).items()}
+
+    watched = (_data_root(data), finished_run, tmp_path / "fresh")
+    before = digest(*watched)
+    result = pretrain([*options, *args], env)
+    _assert_refused(result, *(fill(fragment) for fragment in fragments))
+    assert digest(*watched) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Starts that proceed, and say what they resolved
+
+
+def test_startup_names_split_sizes_and_the_incomplete_checkpoint_it_skips(
+    data: dict[str, str], finished_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    partial = run_dir / "checkpoints" / "global_step6"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
+    result = pretrain(["--config", "tiny", *overrides(
+        data, run_dir, train_steps="6", checkpoint__save_interval="100", data__shuffle_buffer="64")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert "data.train_shards: 4 shards, 128 samples; 4 per data-parallel rank" in log
+    assert "data.eval_shards: 1 shard, 40 usable samples" in log
+    assert f"--resume auto skips {partial}: it has no megamm_complete.json, so its save did not finish" in log
+    assert f"resumed from {run_dir / 'checkpoints' / 'global_step4'} at step 4" in log
+    assert "resuming with changed settings: " in log and "train_steps 4 -> 6" in log
+    assert "resuming with a changed data stream (data.shuffle_buffer 256 -> 64)" in log
+    assert (partial / "megamm_complete.json").is_file(), "the final save at step 6 rewrote the cut-short tag"
+
+
+def test_launcherless_run_chooses_a_free_port(data: dict[str, str], tmp_path: Path) -> None:
+    taken = socket.socket()
+    try:
+        try:
+            taken.bind(("127.0.0.1", 29555))  # the port the skeleton always used
+            taken.listen()
+        except OSError:
+            pass  # taken already: the run must still start
+        result = pretrain(["--config", "tiny", *overrides(data, tmp_path, train_steps="1")])
+    finally:
+        taken.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_help_names_only_existing_recipes() -> None:
+    result = subprocess.run([sys.executable, PRETRAIN, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--config base" not in result.stdout and "--config tiny" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Two runs on one checkpoint.dir
+
+
+def _start(args: list[str], log_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    log = open(log_path, "w")
+    return subprocess.Popen(
+        [sys.executable, PRETRAIN, *args], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the first run exited early:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_second_run_is_refused_while_the_first_lives_and_proceeds_after_kill_9(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    lock = run_dir / "checkpoints" / LOCK
+    first_log = tmp_path / "first.log"
+    first = _start(["--config", "tiny", *overrides(data, run_dir, train_steps="1000000",
+                                                   checkpoint__save_interval="2")], first_log)
+    try:
+        _wait_for(lambda: "saved checkpoint" in first_log.read_text(), 180, "a checkpoint", first, first_log)
+        first.send_signal(signal.SIGSTOP)  # keep its checkpoints still while the second run tries
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        before = digest(run_dir)
+
+        second = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="4")])
+        _assert_refused(second, "checkpoint.dir ", str(run_dir / "checkpoints"), f"PID {first.pid}", socket.gethostname())
+        assert digest(run_dir) == before
+
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        restarted = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="4")])
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        assert f"PID {first.pid}" in restarted.stderr, "the takeover of the dead run's lock is not logged"
+        assert not lock.exists()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+
+
+def test_a_run_whose_lock_is_taken_over_stops_before_its_next_save(data: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    lock = run_dir / "checkpoints" / LOCK
+    log_path = tmp_path / "run.log"
+    process = _start(["--config", "tiny", *overrides(data, run_dir, train_steps="1000000")], log_path)
+    try:
+        _wait_for(lambda: "saved checkpoint" in log_path.read_text(), 180, "a checkpoint", process, log_path)
+        process.send_signal(signal.SIGSTOP)
+        seen = len(log_path.read_text())
+        other = {**json.loads(lock.read_text()), "host": "node-7", "pid": 4242, "token": "0" * 32}
+        lock.write_text(json.dumps(other))  # another node's run took the directory over
+        process.send_signal(signal.SIGCONT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    after = log_path.read_text()[seen:]
+    assert process.returncode == 1, after[-3000:]
+    assert "[rank0] FAILED: LockLost: " in after and "PID 4242 on host node-7" in after, after[-3000:]
+    assert after.count("saved checkpoint") <= 1, "it kept saving into a directory another run holds"
+    assert json.loads(lock.read_text())["token"] == "0" * 32, "it removed the new holder's lock"
+
+
+# ----------------------------------------------------------------------------------------------
+# Under the deepspeed launcher
+
+
+def test_port_in_use_under_the_launcher_is_named(data: dict[str, str], tmp_path: Path, listener: int) -> None:
+    command = deepspeed_command(2, ["--config", "tiny", *overrides(data, tmp_path / "run")])
+    command[command.index("--master_port") + 1] = str(listener)
+    result = run(command, tmp_path / "launch.log", timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert f"MASTER_PORT={listener} on MASTER_ADDR=127.0.0.1 is already in use" in result.stdout
+    assert "--master_port" in result.stdout and "Traceback" not in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def _bad_shard(path: Path, count: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for index in range(count):
+            payload = b'{"note": "no caption, no image"}'
+            info = tarfile.TarInfo(f"bad-{path.stem}-{index:04d}.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_a_failing_rank_is_named_first_and_the_job_fails(data: dict[str, str], tmp_path: Path) -> None:
+    shards = tmp_path / "train"
+    shards.mkdir()
+    for index, source in enumerate(sorted(Path(data["data.train_shards"]).glob("*.tar"))):
+        if index % 2 == 0:
+            shutil.copy(source, shards / source.name)
+        else:  # data-parallel rank 1 of 2 reads shards 1 and 3: only bad samples
+            _bad_shard(shards / source.name, 16)
+    args = ["--config", "tiny", *overrides(data, tmp_path / "run", data__train_shards=str(shards))]
+    result = run(deepspeed_command(2, args), tmp_path / "launch.log", timeout=300)
+    assert result.returncode != 0, result.stdout[-3000:]
+    lines = result.stdout.splitlines()
+    first_error = next(line for line in lines if re.search(r"(?i)error|failed|traceback", line))
+    assert first_error.startswith("[rank1] FAILED: RuntimeError: data stream 1"), first_error
+    assert "hold no usable samples" in first_error and "data.train_shards" in first_error
+    peer_tracebacks = [line for line in lines if line.startswith("[rank0]") and "Traceback" in line]
+    assert not peer_tracebacks and "Connection closed by peer" not in "\n".join(
+        line for line in lines if "stopped: another rank failed" not in line
+    ), result.stdout[-3000:]
+    assert len(lines) < 120, f"{len(lines)} lines of output"

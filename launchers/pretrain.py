@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}configuration error: {error}", file=sys.stderr, flush=True)
         return 2
     except Exception as error:  # a failure while training: make this rank's cause stand out
-        if is_peer_failure(error):
+        if info.world_size > 1 and is_peer_failure(error):
             print(
                 f"{prefix}stopped: another rank failed ({_cause(error)[:160]}); its cause is the line "
                 "'[rankN] FAILED: ...'",

@@ -31,9 +31,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a checkpoint path"
     )
+    parser.add_argument(
+        "--restart-data",
+        action="store_true",
+        help="on resume, read the training data from its beginning (needed after changing the shards, "
+        "data.num_workers, data.seed or data.shuffle_buffer); the model and optimizer still resume",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; unused")
     parser.add_argument("overrides", nargs="*", help="config overrides: key.sub=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come after overrides
 
 
 def _cause(error: BaseException) -> str:
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[rank{info.rank}] " if info.world_size > 1 else ""
     try:
         config = load_config(args.config, args.overrides)
-        run_pretraining(config, args.ds_config, args.resume)
+        run_pretraining(config, args.ds_config, args.resume, args.restart_data)
     except ConfigError as error:
         print(f"{prefix}configuration error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -3,9 +3,9 @@
 ``run_pretraining`` calls :func:`preflight` on every rank before ``torch.distributed`` starts,
 so a mistake costs seconds instead of an allocation. Preflight writes nothing: the DeepSpeed
 template, the precision against the device, the tokenizer, the shards of both splits (and the
-evaluation set itself), the checkpoint to resume from with its parallel layout and saved config,
-and rank 0's rendezvous port. Any failure is a :class:`~megamm.config.ConfigError` naming the
-field or file and the fix.
+evaluation set down to its first usable sample), the checkpoint to resume from with its
+parallel layout, saved config and data stream, and rank 0's rendezvous port. Any failure is a
+:class:`~megamm.config.ConfigError` naming the field or file and the fix.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any, Optional
 from megamm.config import ConfigError, TrainConfig, to_dict
 from megamm.data import (
     SIZES_FILE,
-    Batch,
     Tokenizer,
     check_shard_count,
     check_shards_readable,
+    data_stream_settings,
     expand_shards,
     iter_eval_batches,
     known_sample_count,
@@ -54,15 +54,14 @@ FROM_CHECKPOINT = (
     "data.image_size",
     "data.max_text_length",
 )
-# Fields that decide which samples come next: changed, the data order does not continue.
-DATA_ORDER = (
-    "data.train_shards",
-    "data.num_workers",
-    "data.shuffle_buffer",
-    "data.seed",
-    "micro_batch_size",
-    "grad_accum_steps",
-)
+# What the data position's settings are called in the config (see data_stream_settings).
+DATA_STREAM_FIELDS = {
+    "shards": "data.train_shards (the shard files)",
+    "shard_names_sha256": "data.train_shards (the shard files)",
+    "loader_workers": "data.num_workers",
+    "seed": "data.seed",
+    "shuffle_buffer": "data.shuffle_buffer",
+}
 
 
 @dataclass
@@ -74,11 +73,10 @@ class StartPlan:
     tokenizer: Tokenizer
     resume_from: Optional[Path]
     train_shards: list[str]
-    eval_batches: list[Batch]
-
-    @property
-    def eval_samples(self) -> int:
-        return sum(len(batch["keys"]) for batch in self.eval_batches)
+    data_stream: dict[str, Any]
+    """The settings the training data position depends on (recorded in each checkpoint)."""
+    restart_data: bool = False
+    """Resume the model but read the training data from its beginning."""
 
 
 def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int) -> dict[str, int]:
@@ -145,11 +143,17 @@ def _changes(names: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{name} {old.get(name)!r} -> {new.get(name)!r}" for name in names)
 
 
-def check_resume_config(checkpoint: Path, config: TrainConfig, tokenizer: Tokenizer) -> None:
-    """Compare the config saved in ``checkpoint``'s marker with ``config``; refuse what cannot change.
+def check_resume_config(
+    checkpoint: Path, config: TrainConfig, tokenizer: Tokenizer, data_stream: dict[str, Any], restart_data: bool
+) -> None:
+    """Compare what ``checkpoint``'s marker saved with this run; refuse what cannot change.
+
+    Refused: fields the checkpoint decides (:data:`FROM_CHECKPOINT`), another tokenizer, and
+    (unless ``restart_data``) another data stream, under which the saved data position would
+    name other samples. ``micro_batch_size`` may change: positions count samples.
 
     Raises:
-        ConfigError: naming every field that differs and would fail to load or be ignored.
+        ConfigError: naming every field that differs and cannot.
     """
     marker = read_marker(checkpoint)
     if "config" not in marker:
@@ -158,53 +162,74 @@ def check_resume_config(checkpoint: Path, config: TrainConfig, tokenizer: Tokeni
     old, new = _flatten(marker["config"]), _flatten(to_dict(config))
     differing = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
     refused = [name for name in differing if name.startswith(FROM_CHECKPOINT)]
+    parts = [_changes(refused, old, new)] if refused else []
     saved_tokenizer = marker.get("tokenizer_sha256")
-    tokenizer_changed = saved_tokenizer is not None and saved_tokenizer != tokenizer.fingerprint
-    if refused or tokenizer_changed:
-        parts = [_changes(refused, old, new)] if refused else []
-        if tokenizer_changed:
-            parts.append(f"data.tokenizer={config.data.tokenizer} is another SentencePiece model than the saved one")
+    if saved_tokenizer is not None and saved_tokenizer != tokenizer.fingerprint:
+        parts.append(f"data.tokenizer={config.data.tokenizer} is another SentencePiece model than the saved one")
+    if parts:
         raise ConfigError(
             f"checkpoint {checkpoint} was saved with other settings: {'; '.join(parts)}. A resumed run "
             "continues the checkpoint's model and optimizer state, so these would fail to load or be "
             "silently ignored. Resume with the saved values (they are in the checkpoint's "
             f"{MARKER}), or start a new run with another checkpoint.dir"
         )
-    data_order = [name for name in differing if name.startswith(DATA_ORDER)]
-    if data_order:
-        log.warning(
-            "resuming with a changed data stream (%s): the run does not continue its sample order exactly; "
-            "samples may repeat or be skipped",
-            _changes(data_order, old, new),
-        )
-    others = [name for name in differing if name not in data_order]
-    if others:
-        log.info("resuming with changed settings: %s", _changes(others, old, new))
+    _check_data_stream(checkpoint, marker.get("data_stream"), data_stream, restart_data)
+    if differing:
+        log.info("resuming with changed settings: %s", _changes(differing, old, new))
+
+
+def _check_data_stream(
+    checkpoint: Path, saved: Optional[dict[str, Any]], current: dict[str, Any], restart_data: bool
+) -> None:
+    if restart_data:
+        return
+    if saved is None:
+        log.warning("%s records no data stream settings (an older megamm wrote it); cannot check them", checkpoint)
+        return
+    differing = [key for key in current if saved.get(key) != current[key]]
+    if not differing:
+        return
+    fields = sorted({DATA_STREAM_FIELDS.get(key, key) for key in differing})
+    shown = [key for key in differing if key != "shard_names_sha256"]
+    details = ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in shown)
+    raise ConfigError(
+        f"checkpoint {checkpoint} was saved reading another training data stream ({', '.join(fields)} "
+        f"changed{': ' + details if details else ''}). Its data position counts the samples each stream "
+        "consumed, so under these settings it would replay or skip data. Resume with the saved settings, "
+        "or pass --restart-data to read the new data from its beginning (the model and optimizer still resume)"
+    )
 
 
 def _shards(count: int) -> str:
     return f"{count} shard" if count == 1 else f"{count} shards"
 
 
-def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> tuple[list[str], list[Batch]]:
-    """Resolve and check both splits; read the evaluation set. Logs what each split resolved to."""
+def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[str]:
+    """Resolve and check both splits (the evaluation set down to its first usable sample).
+
+    Logs what each split resolved to; returns the training shards.
+    """
     data = config.data
     train = expand_shards(data.train_shards, "data.train_shards")
     check_shard_count(train, data, dp_size)
     check_shards_readable(train, "data.train_shards", read_header=False)
     eval_shards = expand_shards(data.eval_shards, "data.eval_shards")
     check_shards_readable(eval_shards, "data.eval_shards", read_header=True)
-    eval_batches = list(iter_eval_batches(data, tokenizer, config.micro_batch_size))
+    next(iter(iter_eval_batches(data, tokenizer, batch_size=1)))  # raises if no sample is usable
 
-    samples = known_sample_count(train)
-    described = f"{samples} samples" if samples is not None else f"sample count unknown (no {SIZES_FILE} beside them)"
-    log.info("data.train_shards: %s, %s; %d per data-parallel rank", _shards(len(train)), described, len(train) // dp_size)
-    eval_samples = sum(len(batch["keys"]) for batch in eval_batches)
-    log.info("data.eval_shards: %s, %d usable samples", _shards(len(eval_shards)), eval_samples)
-    return train, eval_batches
+    for name, shards, share in (
+        ("data.train_shards", train, f"; {len(train) // dp_size} per data-parallel rank"),
+        ("data.eval_shards", eval_shards, ""),
+    ):
+        samples = known_sample_count(shards)
+        described = f"{samples} samples" if samples is not None else f"sample count unknown (no {SIZES_FILE})"
+        log.info("%s: %s, %s%s", name, _shards(len(shards)), described, share)
+    return train
 
 
-def preflight(config: TrainConfig, ds_config_path: str, resume: str, info: LaunchInfo) -> StartPlan:
+def preflight(
+    config: TrainConfig, ds_config_path: str, resume: str, info: LaunchInfo, restart_data: bool = False
+) -> StartPlan:
     """Every check that needs no process group, in the order a user would fix them. Writes nothing.
 
     Raises:
@@ -219,20 +244,23 @@ def preflight(config: TrainConfig, ds_config_path: str, resume: str, info: Launc
             f"the tokenizer has {tokenizer.vocab_size} pieces but model.text.vocab_size="
             f"{config.model.text.vocab_size}; raise model.text.vocab_size to at least that"
         )
+    train_shards = check_data(config, dp_size, tokenizer)
+    data_stream = data_stream_settings(config.data, train_shards)
     checkpoint = resolve_resume(resume, config.checkpoint.dir)
     if checkpoint is not None:
         try:
             check_layout(checkpoint, parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size))
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
-        check_resume_config(checkpoint, config, tokenizer)
-    train_shards, eval_batches = check_data(config, dp_size, tokenizer)
+        check_resume_config(checkpoint, config, tokenizer, data_stream, restart_data)
+    elif restart_data:
+        log.info("--restart-data: nothing to resume, so it changes nothing")
     prepare_rendezvous(info)
-    return StartPlan(dp_size, ds_config, tokenizer, checkpoint, train_shards, eval_batches)
+    return StartPlan(dp_size, ds_config, tokenizer, checkpoint, train_shards, data_stream, restart_data)
 
 
 __all__ = [
-    "DATA_ORDER",
+    "DATA_STREAM_FIELDS",
     "FROM_CHECKPOINT",
     "StartPlan",
     "check_data",

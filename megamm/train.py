@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from megamm.config import TrainConfig, to_dict
-from megamm.data import Batch, build_train_loader
+from megamm.data import Batch, DataPosition, build_train_loader, iter_eval_batches, placeholder_batch
 from megamm.engine import (
     LaunchInfo,
     RunLock,
     build_engine,
+    clamp_parameters,
     device,
     init_distributed,
     launch_info,
     load_checkpoint,
     save_checkpoint,
+    set_aside_abandoned,
 )
 from megamm.evaluation import retrieval_metrics
 from megamm.fileio import atomic_output
@@ -42,14 +44,21 @@ log = logging.getLogger("megamm")
 
 @dataclass
 class TrainState:
-    """What, besides model and optimizer, a resumed run needs to continue exactly."""
+    """What, besides model and optimizer, a resumed run needs to continue exactly.
+
+    Every rank saves the same values (gathered over the data-parallel group first): under ZeRO
+    stages 0-2 DeepSpeed writes the client state of data-parallel rank 0 only, and every rank
+    loads that one.
+    """
 
     step: int = 0
     """Optimizer steps completed."""
     batches_consumed: int = 0
-    """Micro batches this data-parallel rank has taken from its loader (the data position)."""
+    """Micro-batches each data-parallel rank has taken from its loader (its round-robin phase)."""
     samples_skipped: int = 0
-    """Bad samples this data-parallel rank's loader has skipped so far."""
+    """Bad samples skipped by all data-parallel ranks together."""
+    data_position: dict[int, int] = field(default_factory=dict)
+    """Candidates consumed by each training stream of every data-parallel rank (stream id -> count)."""
 
 
 def _to_device(batch: Batch, target: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,33 +77,60 @@ def _dp_sum(values: list[float], parallel: ParallelState) -> list[float]:
     return tensor.tolist()
 
 
-def evaluate_retrieval(engine: Any, batches: list[Batch], parallel: ParallelState) -> dict[str, float]:
-    """Embed the evaluation set (batches split round-robin over data-parallel ranks) and score it.
+def _dp_gather(value: Any, parallel: ParallelState) -> list[Any]:
+    """Every data-parallel rank's ``value``, in rank order ([value] in a single process)."""
+    if parallel.dp_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * parallel.dp_size
+    dist.all_gather_object(gathered, value, group=parallel.dp_group)
+    return gathered
 
-    Every data-parallel rank runs the same number of forward passes (ZeRO-3 gathers weights
-    collectively); a rank without a batch in the last round re-embeds batch 0 and drops it.
+
+def _any_rank(flag: bool, parallel: ParallelState) -> bool:
+    """True if ``flag`` holds on any data-parallel rank."""
+    return _dp_sum([float(flag)], parallel)[0] > 0
+
+
+def evaluate_retrieval(
+    engine: Any, batches: Iterable[Batch], parallel: ParallelState, placeholder: Batch
+) -> tuple[dict[str, float], int]:
+    """Embed this rank's share of the evaluation set, gather every rank's embeddings and score them.
+
+    ``batches`` is streamed (this data-parallel rank's share, e.g. its evaluation shards); ranks
+    may hold different numbers of batches. Every data-parallel rank runs the same number of
+    forward passes, because ZeRO-3 gathers weights collectively: each round one small
+    all-reduce says whether any rank still has a batch, and a rank without one embeds
+    ``placeholder`` and drops the result. Returns the metrics and the number of pairs scored.
+    Non-finite embeddings (a diverged run) count as misses and are reported in the log.
     """
-    if not batches:
-        raise ValueError("the evaluation set is empty; check data.eval_shards")
     target = device()
-    local: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    local_images: list[torch.Tensor] = []
+    local_texts: list[torch.Tensor] = []
+    iterator = iter(batches)
     engine.eval()
     with torch.no_grad():
-        for round_start in range(0, len(batches), parallel.dp_size):
-            index = round_start + parallel.dp_rank
-            batch = batches[index] if index < len(batches) else batches[0]
-            out = engine(*_to_device(batch, target), compute_loss=False)
-            if index < len(batches):
-                local.append((index, out["image_emb"].float().cpu(), out["text_emb"].float().cpu()))
+        while True:
+            batch = next(iterator, None)
+            if not _any_rank(batch is not None, parallel):
+                break
+            out = engine(*_to_device(batch if batch is not None else placeholder, target), compute_loss=False)
+            if batch is not None:
+                local_images.append(out["image_emb"].float().cpu())  # (B, E)
+                local_texts.append(out["text_emb"].float().cpu())  # (B, E)
     engine.train()
-    gathered: list[Any] = [local]
-    if parallel.dp_size > 1:
-        gathered = [None] * parallel.dp_size
-        dist.all_gather_object(gathered, local, group=parallel.dp_group)
-    ordered = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-    images = torch.cat([item[1] for item in ordered])  # (N, E)
-    texts = torch.cat([item[2] for item in ordered])  # (N, E)
-    return retrieval_metrics(images, texts)
+    parts = _dp_gather((local_images, local_texts), parallel)
+    images = torch.cat([tensor for rank_images, _ in parts for tensor in rank_images] or [torch.empty(0)])  # (N, E)
+    texts = torch.cat([tensor for _, rank_texts in parts for tensor in rank_texts] or [torch.empty(0)])  # (N, E)
+    if images.shape[0] == 0:
+        raise ValueError("the evaluation set is empty; check data.eval_shards")
+    bad = int((~torch.isfinite(images).all(dim=1) | ~torch.isfinite(texts).all(dim=1)).sum())
+    if bad:
+        log.warning(
+            "%d of %d evaluation pairs have non-finite embeddings (the run has diverged?); they count as misses",
+            bad,
+            images.shape[0],
+        )
+    return retrieval_metrics(images, texts), images.shape[0]
 
 
 class Trainer:
@@ -106,7 +142,7 @@ class Trainer:
         config: TrainConfig,
         parallel: ParallelState,
         batches: Iterator[Batch],
-        eval_batches: list[Batch],
+        eval_batches: Callable[[], Iterable[Batch]],
         writer: MetricsWriter,
         state: TrainState,
         marker: dict[str, Any],
@@ -117,12 +153,22 @@ class Trainer:
         self.parallel = parallel
         self.batches = batches
         self.eval_batches = eval_batches
+        """Makes a fresh stream of this rank's share of the evaluation set."""
         self.writer = writer
         self.state = state
         self.marker = marker
         """What each checkpoint's completion marker records besides the step (layout, config)."""
         self.lock = lock
         """checkpoint.dir's run lock, on the rank that holds it."""
+        self.line_start: Optional[int] = state.step
+        """The step this run started from, until its first save has set aside newer tags."""
+        self.position = DataPosition(state.batches_consumed, dict(state.data_position))
+        """This rank's data position (its own streams up to date)."""
+        self.skipped_here = 0
+        """Bad samples this rank's loader skipped since the run (re)started."""
+        self.eval_samples = 0
+        """Pairs scored by the last evaluation."""
+        self.placeholder = placeholder_batch(config.data)
         self.device = device()
 
     def train_step(self) -> float:
@@ -130,12 +176,13 @@ class Trainer:
         total = 0.0
         for _ in range(self.config.grad_accum_steps):
             batch = next(self.batches)
-            self.state.batches_consumed += 1
-            self.state.samples_skipped += int(batch.get("skipped", 0))
+            self.position.advance(batch)
+            self.skipped_here += int(batch.get("skipped", 0))
             loss = self.engine(*_to_device(batch, self.device))["loss"]
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
+        clamp_parameters(self.engine)  # the logit scale, after the optimizer step
         self.state.step += 1
         return total / self.config.grad_accum_steps
 
@@ -160,7 +207,7 @@ class Trainer:
         return self.evaluate()
 
     def _log_training(self, local_loss: float, samples_per_second: float) -> None:
-        loss_sum, skipped = _dp_sum([local_loss, float(self.state.samples_skipped)], self.parallel)
+        loss_sum, skipped = _dp_sum([local_loss, float(self.skipped_here)], self.parallel)
         loss = loss_sum / self.parallel.dp_size
         lr = self.engine.get_lr()[0]
         self.writer.scalars(
@@ -168,7 +215,7 @@ class Trainer:
                 "train/loss": loss,
                 "train/lr": lr,
                 "train/samples_per_second": samples_per_second,
-                "train/samples_skipped": skipped,
+                "train/samples_skipped": self.state.samples_skipped + skipped,
             },
             self.state.step,
         )
@@ -182,15 +229,38 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, float]:
-        metrics = evaluate_retrieval(self.engine, self.eval_batches, self.parallel)
+        metrics, self.eval_samples = evaluate_retrieval(
+            self.engine, self.eval_batches(), self.parallel, self.placeholder
+        )
         self.writer.scalars({f"eval/{name}": value for name, value in metrics.items()}, self.state.step)
         self.writer.flush()
-        log.info("eval at step %d: %s", self.state.step, "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        log.info(
+            "eval at step %d over %d pairs: %s",
+            self.state.step,
+            self.eval_samples,
+            "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+        )
         return metrics
+
+    def _sync_state(self) -> None:
+        """Bring the data position and skip count of every data-parallel rank into ``state`` (collective)."""
+        streams: dict[int, int] = {}
+        for part in _dp_gather(self.position.streams, self.parallel):
+            streams.update(part)
+        (skipped,) = _dp_sum([float(self.skipped_here)], self.parallel)
+        self.state.batches_consumed = self.position.batches
+        self.state.data_position = dict(sorted(streams.items()))
+        self.state.samples_skipped += int(skipped)
+        self.skipped_here = 0
 
     def save(self) -> Path:
         if self.lock is not None:
             self.lock.check()  # another run took checkpoint.dir over: never write into its checkpoints
+        if self.line_start is not None:
+            if self.parallel.rank == 0:
+                self._set_aside_abandoned_line()
+            self.line_start = None
+        self._sync_state()
         client_state = {"train_state": asdict(self.state), "config": to_dict(self.config)}
         path = save_checkpoint(
             self.engine,
@@ -204,6 +274,19 @@ class Trainer:
         log.info("saved checkpoint %s", path)
         return path
 
+    def _set_aside_abandoned_line(self) -> None:
+        resumed = self.line_start or 0
+        moved = set_aside_abandoned(self.config.checkpoint.dir, resumed)
+        if moved:
+            log.warning(
+                "this run continues from step %d, so the later checkpoints in checkpoint.dir (%s) belong to an "
+                "abandoned line; moved them to %s, where --resume auto never looks (load one by its path, "
+                "or delete them)",
+                resumed,
+                ", ".join(path.name for path in moved),
+                moved[0].parent,
+            )
+
 
 def _setup_logging(rank: int) -> None:
     # DeepSpeed calls these torch collectives under their old names on every step.
@@ -215,16 +298,20 @@ def _setup_logging(rank: int) -> None:
     )
 
 
-def run_pretraining(config: TrainConfig, ds_config_path: str, resume: str = "auto") -> dict[str, float]:
+def run_pretraining(
+    config: TrainConfig, ds_config_path: str, resume: str = "auto", restart_data: bool = False
+) -> dict[str, float]:
     """Train ``config`` on every rank of the current launch; returns the final eval metrics.
 
     Every check that needs no process group runs first (:func:`megamm.preflight.preflight`);
     then rank 0 takes ``checkpoint.dir``'s run lock, released however the run ends. A start
     that fails leaves the checkpoint and TensorBoard directories as they were.
+    ``restart_data``: on resume, read the training data from its beginning instead of
+    continuing the checkpoint's data position (which a changed data stream is refused).
     """
     info = launch_info()
     _setup_logging(info.rank)
-    plan = preflight(config, ds_config_path, resume, info)
+    plan = preflight(config, ds_config_path, resume, info, restart_data)
     lock = RunLock(config.checkpoint.dir).acquire() if info.rank == 0 else None
     try:
         return _train(config, plan, info, lock)
@@ -256,24 +343,36 @@ def _train(config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optiona
 
     state = TrainState()
     if plan.resume_from is not None:
-        client_state = load_checkpoint(engine, plan.resume_from)
-        state = TrainState(**client_state["train_state"])
+        saved = load_checkpoint(engine, plan.resume_from)["train_state"]
+        state = TrainState(**saved)
         log.info("resumed from %s at step %d", plan.resume_from, state.step)
+        if plan.restart_data or ("data_position" not in saved and state.batches_consumed):
+            why = "as --restart-data asks" if plan.restart_data else "an older megamm saved no per-stream position"
+            log.warning("the training data starts again from its beginning (%s)", why)
+            state.batches_consumed, state.data_position = 0, {}
 
     # Nothing is written to the run's directories before this point.
     writer = MetricsWriter(config.logging.tensorboard_dir, active=parallel.rank == 0)
     if parallel.rank == 0:
         with atomic_output(Path(config.logging.tensorboard_dir) / "config.yaml") as handle:
             handle.write(yaml.safe_dump(to_dict(config)).encode("utf-8"))
+    start = DataPosition(state.batches_consumed, dict(state.data_position))
     loader = build_train_loader(
-        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, state.batches_consumed
+        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start
     )
     marker = {
         **parallel_layout(info.world_size, parallel.tp_size, parallel.dp_size),
         "config": to_dict(config),
         "tokenizer_sha256": plan.tokenizer.fingerprint,
+        "data_stream": plan.data_stream,
     }
-    trainer = Trainer(engine, config, parallel, iter(loader), plan.eval_batches, writer, state, marker, lock)
+
+    def eval_batches() -> Iterable[Batch]:
+        return iter_eval_batches(
+            config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size
+        )
+
+    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state, marker, lock)
     try:
         metrics = trainer.fit() if state.step < config.train_steps else trainer.evaluate()
     finally:
@@ -281,7 +380,7 @@ def _train(config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optiona
     if parallel.rank == 0:
         print(
             f"held-out retrieval: text->image R@1 {metrics['text_to_image_R@1']:.3f} "
-            f"(chance {1.0 / plan.eval_samples:.3f}), R@5 {metrics['text_to_image_R@5']:.3f}; "
+            f"(chance {1.0 / trainer.eval_samples:.3f}), R@5 {metrics['text_to_image_R@5']:.3f}; "
             f"image->text R@1 {metrics['image_to_text_R@1']:.3f}",
             flush=True,
         )

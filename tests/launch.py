@@ -1,16 +1,21 @@
-"""Run the real `deepspeed` launcher from tests on loopback, and stop everything it started."""
+"""Run the real entry points from tests (`deepspeed` on loopback, or one plain process), and stop
+everything they started; compare directory trees before and after."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = str(ROOT / "launchers/pretrain.py")
 
 
 def free_port() -> int:
@@ -47,3 +52,55 @@ def run(command: Sequence[str], log_path: Path, timeout: float = 600) -> subproc
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     return subprocess.CompletedProcess(command, process.returncode, log_path.read_text(), "")
+
+
+def digest(*roots: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file and a marker for every directory under ``roots`` (absent roots included)."""
+    state: dict[str, str] = {}
+    for root in roots:
+        if not root.exists():
+            state[str(root)] = "absent"
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.name in skip:
+                continue
+            state[str(path)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def pretrain(args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python launchers/pretrain.py ARGS`` as a user runs it: one process, no launcher."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    return subprocess.run(
+        [sys.executable, PRETRAIN, *args],
+        cwd=ROOT,
+        env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def overrides(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
+    """The test run's overrides, ``changes`` replacing (never repeating) a key; value None drops it."""
+    values = {
+        **data,
+        "micro_batch_size": "8",
+        "train_steps": "4",
+        "optim.warmup_steps": "1",
+        "checkpoint.save_interval": "2",
+        "checkpoint.dir": str(run_dir / "checkpoints"),
+        "logging.tensorboard_dir": str(run_dir / "tensorboard"),
+        **{key.replace("__", "."): value for key, value in changes.items()},
+    }
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+
+def write_bad_shard(path: Path, count: int) -> None:
+    """A tar shard of ``count`` samples that have neither caption nor image (each one skipped)."""
+    with tarfile.open(path, "w") as tar:
+        for index in range(count):
+            payload = b'{"note": "no caption, no image"}'
+            info = tarfile.TarInfo(f"bad-{path.stem}-{index:04d}.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))

@@ -36,7 +36,7 @@ def test_prune_keeps_newest_complete_and_never_touches_incomplete(tmp_path: Path
     for step in (10, 20, 30):
         _checkpoint(tmp_path, step)
     partial = _checkpoint(tmp_path, 40, complete=False)
-    _prune(tmp_path, keep_last=2)
+    _prune(tmp_path, keep_last=2, just_written=tmp_path / "global_step30")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step20", "global_step30", "global_step40"]
     assert (partial / "mp_rank_00_model_states.pt").read_bytes() == b"weights"
 

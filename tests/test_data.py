@@ -26,6 +26,7 @@ from PIL import Image
 
 from megamm.config import ConfigError, DataConfig
 from megamm.data import (
+    DataPosition,
     Tokenizer,
     build_train_loader,
     expand_shards,
@@ -127,6 +128,14 @@ def batch_keys(batches: list[dict[str, Any]]) -> list[str]:
     return [key for batch in batches for key in batch["keys"]]
 
 
+def position_after(batches: list[dict[str, Any]]) -> DataPosition:
+    """The data position once ``batches`` have been taken, as the trainer records it."""
+    position = DataPosition()
+    for batch in batches:
+        position.advance(batch)
+    return position
+
+
 def assert_batches_equal(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> None:
     assert len(left) == len(right)
     for a, b in zip(left, right):
@@ -202,8 +211,29 @@ def test_resume_equals_dropping_batches(
     cfg = data_cfg(demo, num_workers=num_workers)
     after = 8
     full = take(build_train_loader(cfg, tokenizer, 1, 2, 6), start_batch + after)
-    resumed = take(build_train_loader(cfg, tokenizer, 1, 2, 6, start_batch=start_batch), after)
+    resumed = take(build_train_loader(cfg, tokenizer, 1, 2, 6, position_after(full[:start_batch])), after)
     assert_batches_equal(full[start_batch:], resumed)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_another_micro_batch_size_neither_skips_nor_repeats(
+    demo: Path, tokenizer: Tokenizer, num_workers: int
+) -> None:
+    # 3 batches of 4 per stream, then resumed at 8: the skeleton counted batches, so it skipped
+    # samples 12-23 of the stream. Positions count samples: the stream continues at sample 12.
+    cfg = data_cfg(demo, num_workers=num_workers)
+    workers = max(num_workers, 1)
+    stream_order = {
+        worker: batch_keys(take(build_train_loader(cfg, tokenizer, 0, 1, 1), 60 * workers)[worker::workers])
+        for worker in range(workers)
+    }
+    small = take(build_train_loader(cfg, tokenizer, 0, 1, 4), 3 * workers)
+    position = position_after(small)
+    assert position.streams == {worker: 12 for worker in range(workers)}
+    large = take(build_train_loader(cfg, tokenizer, 0, 1, 8, position), 2 * workers)
+    for worker in range(workers):
+        taken = batch_keys(small[worker::workers]) + batch_keys(large[worker::workers])
+        assert taken == stream_order[worker][:28], f"stream {worker} skipped or repeated samples"
 
 
 def test_loader_configuration_errors(demo: Path, tokenizer: Tokenizer) -> None:
@@ -219,16 +249,23 @@ def test_loader_configuration_errors(demo: Path, tokenizer: Tokenizer) -> None:
 # Bad samples
 
 
+def corrupt_pixels_png(seed: int) -> bytes:
+    """A PNG whose header reads but whose pixel data is cut off: it fails only when decoded."""
+    return png_bytes(seed)[:80]
+
+
 def write_shard_with_bad_samples(path: Path) -> tuple[list[str], int]:
-    """Three bad samples first, then six good ones; returns (good keys, bad count)."""
+    """Four bad samples first (the last one with a readable header but corrupt pixels), then six
+    good ones; returns (good keys, bad count)."""
     good = [f"extra-{i:03d}" for i in range(6)]
     with wds.TarWriter(str(path), encoder=False) as writer:
         writer.write({"__key__": "bad-garbage", "png": b"this is not a png", "txt": b"a red circle"})
         writer.write({"__key__": "bad-notxt", "png": png_bytes(1)})
         writer.write({"__key__": "bad-emptytxt", "png": png_bytes(2), "txt": b"   "})
+        writer.write({"__key__": "bad-pixels", "png": corrupt_pixels_png(3), "txt": b"a blue square"})
         for i, key in enumerate(good):
             writer.write({"__key__": key, "png": png_bytes(10 + i), "txt": f"caption {i}".encode()})
-    return good, 3
+    return good, 4
 
 
 @pytest.fixture()
@@ -263,6 +300,19 @@ def test_eval_batches_skip_bad_samples(demo: Path, tokenizer: Tokenizer, dirty_d
     expected_order = [k for k in tar_keys(sorted(shard_dir.glob("*.tar"))) if k in good_keys]
     assert batch_keys(batches) == expected_order
     assert sum(b["skipped"] for b in batches) == bad
+
+
+def test_eval_set_is_streamed_in_shares_over_data_parallel_ranks(demo: Path, tokenizer: Tokenizer) -> None:
+    # Each rank reads only its shards (shards[rank::dp]); together they cover the set once.
+    shards = sorted((demo / "train").glob("*.tar"))
+    cfg = data_cfg(demo, eval_shards=str(demo / "train"))
+    whole = batch_keys(list(iter_eval_batches(cfg, tokenizer, 16)))
+    shares = [batch_keys(list(iter_eval_batches(cfg, tokenizer, 16, rank, 3))) for rank in range(3)]
+    for rank, share in enumerate(shares):
+        assert share == tar_keys(shards[rank::3])
+    assert sorted(key for share in shares for key in share) == sorted(whole)
+    lonely = data_cfg(demo)  # one evaluation shard, two ranks: rank 1 gets none, and no error
+    assert list(iter_eval_batches(lonely, tokenizer, 16, 1, 2)) == []
 
 
 def test_truncated_shard_does_not_stop_reading(demo: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
@@ -493,6 +543,26 @@ def test_resume_is_exact_across_bad_samples(
     shard_dir, _, _ = dirty_data
     cfg = data_cfg(demo, train_shards=str(shard_dir), num_workers=num_workers)
     full = take(build_train_loader(cfg, tokenizer, 0, 1, 10), start_batch + 6)
-    assert sum(b["skipped"] for b in full) >= 3, "the bad samples were not met"
-    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 10, start_batch=start_batch), 6)
+    assert sum(b["skipped"] for b in full) >= 4, "the bad samples were not met"
+    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 10, position_after(full[:start_batch])), 6)
     assert_batches_equal(full[start_batch:], resumed)
+
+
+def test_resume_just_before_an_undecodable_image_after_the_first_epoch(
+    demo: Path, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    # One stream, one shard: [corrupt pixels, 12 good], in the same order every epoch. The
+    # skeleton resumed at candidate 13 (epoch 1, just before the corrupt image) and raised
+    # "no image decoded for a whole epoch"; auto-resume then looped on it.
+    shard_dir = tmp_path / "one"
+    shard_dir.mkdir()
+    with wds.TarWriter(str(shard_dir / "shard-000000.tar"), encoder=False) as writer:
+        writer.write({"__key__": "bad-pixels", "png": corrupt_pixels_png(5), "txt": b"a red circle"})
+        for i in range(12):
+            writer.write({"__key__": f"good-{i:02d}", "png": png_bytes(20 + i), "txt": f"caption {i}".encode()})
+    cfg = data_cfg(demo, train_shards=str(shard_dir), shuffle_buffer=0)
+    full = take(build_train_loader(cfg, tokenizer, 0, 1, 4), 6)  # two epochs of 12 decoded images
+    assert [b["position"] for b in full] == [5, 9, 13, 18, 22, 26]
+    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 4, DataPosition(3, {0: 13})), 3)
+    assert_batches_equal(full[3:], resumed)
+    assert resumed[0]["skipped"] == 1 and resumed[0]["keys"][0] == "good-00"

@@ -73,6 +73,8 @@ def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: P
     parameters = sum(p.numel() for p in MultiModalTransformer(load_config("tiny").model).parameters())  # TP=1
     assert f"model: {parameters / 1e6:.2f}M parameters (" in result.stdout
     assert "text->image R@1" in result.stdout
+    # One evaluation shard over 2 data-parallel ranks: rank 1 embeds placeholders; 48 pairs, once each.
+    assert "eval at step 20 over 48 pairs" in result.stdout
 
     losses = _losses(full / "tensorboard")
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -122,15 +124,19 @@ def test_zero3_tp2_dp2_training_matches_single_process(tmp_path: Path) -> None:
     tensor-parallel shards once each and replicated weights once in all.
     """
     out = tmp_path / "parity.json"
-    command = deepspeed_command(
-        4, [str(out), "optim.grad_clip=0.05", "optim.warmup_steps=2"], script="tests/scripts/zero3_parity.py"
-    )
+    # The logit scale starts above its cap: it must be clamped in place (master copy included)
+    # and keep learning, not sit frozen above the cap where the forward clamp passes no gradient.
+    args = [str(out), "optim.grad_clip=0.05", "optim.warmup_steps=2", "model.logit_scale_init=5.0",
+            "model.logit_scale_max=4.0"]
+    command = deepspeed_command(4, args, script="tests/scripts/zero3_parity.py")
     result = run(command, tmp_path / "parity.log")
     assert result.returncode == 0, result.stdout[-4000:]
     curves = json.loads(out.read_text())
     assert any(norm > 0.05 for norm in curves["reference_grad_norms"]), "clipping never triggered"
     assert curves["zero3"] == pytest.approx(curves["reference"], rel=1e-5, abs=1e-6)
     assert curves["zero3_last_grad_norm"] == pytest.approx(curves["reference_grad_norms"][-1], rel=1e-4)
+    assert curves["reference_logit_scale"] < 4.0, "the reference never moved below the cap"
+    assert curves["zero3_logit_scale"] == pytest.approx(curves["reference_logit_scale"], abs=1e-6)
 
 
 def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: Path) -> None:

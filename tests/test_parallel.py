@@ -98,6 +98,11 @@ def _embedding_parity(rank: int, world: int) -> None:
     out.square().sum().backward()
     ref_out.square().sum().backward()
     torch.testing.assert_close(emb.weight.grad, ref.weight.grad.chunk(world)[state.tp_rank], atol=ATOL, rtol=0)
+    # An id outside the vocabulary fails alike at TP=1 and TP=2 (it used to become a zero vector at TP=2).
+    for bad in (16, -1):
+        for layer in (ref, emb):
+            with pytest.raises(RuntimeError, match=r"token ids must be in \[0, 16\)"):
+                layer(torch.tensor([[0, bad]]))
 
 
 def test_vocab_parallel_embedding_tp2_matches_single_process(tmp_path) -> None:

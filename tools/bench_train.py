@@ -180,6 +180,7 @@ class PlainTrainee(Trainee):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.clamp_logit_scale()
 
     def recall_at_1(self) -> float:
         self.model.eval()
@@ -215,12 +216,17 @@ class MegammTrainee(Trainee):
         self.engine.backward(loss)
 
     def optimizer_step(self) -> None:
+        from megamm.engine import clamp_parameters
+
         self.engine.step()
+        clamp_parameters(self.engine)
 
     def recall_at_1(self) -> float:
         from megamm.train import evaluate_retrieval
 
-        return evaluate_retrieval(self.engine, self.eval_batches, self.parallel)["text_to_image_R@1"]
+        share = self.eval_batches[self.parallel.dp_rank :: self.parallel.dp_size]
+        metrics, _ = evaluate_retrieval(self.engine, share, self.parallel, self.eval_batches[0])
+        return metrics["text_to_image_R@1"]
 
 
 def _memory_batches(

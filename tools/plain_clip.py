@@ -109,6 +109,11 @@ class PlainCLIP(nn.Module):
         pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, H)
         return F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
 
+    def clamp_logit_scale(self) -> None:
+        """Bound the temperature in place after an optimizer step (OpenCLIP)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=self.logit_scale_max)
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         image_emb, text_emb = self.encode_image(images), self.encode_text(ids, mask)
         scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()

@@ -8,11 +8,14 @@ from megamm.data.demo import COLOURS, MAX_EVAL_SAMPLES, POSITIONS, SHAPES, iter_
 from megamm.data.pipeline import (
     IMAGE_EXTENSIONS,
     Batch,
+    DataPosition,
     build_train_loader,
     check_shard_count,
+    data_stream_settings,
     decode_image,
     images_to_tensor,
     iter_eval_batches,
+    placeholder_batch,
 )
 from megamm.data.shards import (
     SIZES_FILE,
@@ -37,12 +40,14 @@ __all__ = [
     "SIZES_FILE",
     "UNK_ID",
     "Batch",
+    "DataPosition",
     "Tokenizer",
     "atomic_output",
     "brace_expand",
     "build_train_loader",
     "check_shard_count",
     "check_shards_readable",
+    "data_stream_settings",
     "decode_image",
     "expand_shards",
     "images_to_tensor",
@@ -50,6 +55,7 @@ __all__ = [
     "iter_eval_batches",
     "iter_tar_samples",
     "known_sample_count",
+    "placeholder_batch",
     "train_tokenizer",
     "write_demo_dataset",
 ]

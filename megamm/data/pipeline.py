@@ -7,23 +7,30 @@ its shard order and then its samples (in a buffer of ``data.shuffle_buffer``), b
 seeded from ``(data.seed, epoch, s)``, and builds whole micro-batches inside the worker. The
 DataLoader hands out batches round-robin over workers, so global batch ``i`` comes from worker
 ``i % W``. Ranks that share a data-parallel index (tensor-parallel peers) therefore see
-identical batches, and resuming at batch ``k`` replays exactly the batches ``k, k+1, ...``.
+identical batches.
 
 A sample is usable if it has a non-empty UTF-8 ``txt`` caption and an image (``png``, ``jpg``,
-``jpeg`` or ``webp``) whose header can be read. Unusable samples and broken tar members are
-skipped and counted in the ``skipped`` field of the next batch. Resuming skips raw samples
-before decoding, using that same check, so it is exact and cheap. (The one case it cannot see
-is an image whose header is valid but whose pixel data is corrupt: it is skipped when decoded,
-and a resume that jumps over it is one sample out of step from there on.)
+``jpeg`` or ``webp``) whose header can be read; such a sample is a *candidate*. Unusable
+samples, broken tar members and candidates whose pixels do not decode are skipped and counted
+in the ``skipped`` field of the next batch.
+
+The data position (:class:`DataPosition`) is exact: each batch says which stream made it and
+how many candidates that stream had consumed when it did. Resuming skips exactly that many
+candidates per stream (screening raw samples without decoding them, so it is cheap) and starts
+the round robin at the batch count, so a resumed run sees the batches the uninterrupted run
+would have seen. The position counts candidates, not batches, so it stays exact across
+undecodable images and across a change of ``micro_batch_size``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, TypedDict
 
 import numpy as np
@@ -33,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megamm.config import ConfigError, DataConfig
 from megamm.data.shards import expand_shards, iter_tar_samples
-from megamm.data.tokenizer import Tokenizer
+from megamm.data.tokenizer import BOS_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,25 @@ class Batch(TypedDict):
     """Sample keys, one per row."""
     skipped: int
     """Bad samples and broken tar members skipped while producing this batch."""
+    stream: int
+    """The training stream that made this batch (-1 for evaluation batches)."""
+    position: int
+    """Candidates that stream had consumed, this batch included (its data position)."""
+
+
+@dataclass
+class DataPosition:
+    """Where one data-parallel rank's training data stands: what resuming needs to continue exactly."""
+
+    batches: int = 0
+    """Micro-batches taken from this rank's loader (all its workers); sets the round-robin phase."""
+    streams: dict[int, int] = field(default_factory=dict)
+    """Candidates consumed, by stream id; a stream not listed starts at 0."""
+
+    def advance(self, batch: Batch) -> None:
+        """Record that ``batch`` has been taken."""
+        self.batches += 1
+        self.streams[int(batch["stream"])] = int(batch["position"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +201,8 @@ class _BatchBuilder:
         self._keys.append(candidate.key)
         return True
 
-    def emit(self) -> Batch:
-        """The batch of everything added since the last emit."""
+    def emit(self, stream: int = -1, position: int = 0) -> Batch:
+        """The batch of everything added since the last emit, made by ``stream`` at ``position``."""
         encoded = [self.tokenizer.encode(c, self.max_length) for c in self._captions]
         batch: Batch = {
             "image": images_to_tensor(np.stack(self._images)),  # (B, 3, H, W)
@@ -184,6 +210,8 @@ class _BatchBuilder:
             "text_mask": torch.tensor([mask for _, mask in encoded], dtype=torch.bool),  # (B, T)
             "keys": self._keys,
             "skipped": self.log.take(),
+            "stream": stream,
+            "position": position,
         }
         self._images, self._captions, self._keys = [], [], []
         return batch
@@ -240,26 +268,25 @@ def _candidates(
 
 
 def _train_batches(
-    candidates: Iterator[tuple[int, _Candidate]], builder: _BatchBuilder, batch_size: int, skip_batches: int
+    candidates: Iterator[tuple[int, _Candidate]], builder: _BatchBuilder, batch_size: int, stream: int, skip: int
 ) -> Iterator[Batch]:
-    """Micro-batches of ``batch_size``, after dropping the first ``skip_batches`` undecoded."""
-    next(itertools.islice(candidates, skip_batches * batch_size, skip_batches * batch_size), None)
-    builder.log.take()  # bad samples inside the skipped batches belong to those batches
-    last_good_epoch = -1
+    """Micro-batches of ``batch_size`` from ``stream``, after dropping its first ``skip`` candidates undecoded."""
+    next(itertools.islice(candidates, skip, skip), None)
+    builder.log.take()  # bad samples among the skipped candidates belong to earlier batches
+    consumed = skip
+    # The epoch that last decoded an image. A resumed stream starts inside an epoch whose earlier
+    # part it did not see, so that epoch counts as good; a fresh one starts before epoch 0.
+    last_good_epoch: int | None = None if skip else -1
     for epoch, candidate in candidates:
+        consumed += 1
+        if last_good_epoch is None:
+            last_good_epoch = epoch
         if builder.add(candidate):
             last_good_epoch = epoch
         elif epoch - last_good_epoch > 1:
             raise RuntimeError(f"{builder.log.where}: no image decoded for a whole epoch; check the shards")
         if len(builder) == batch_size:
-            yield builder.emit()
-
-
-def _batches_before(start_batch: int, worker: int, num_workers: int) -> int:
-    """How many of the global batches [0, start_batch) worker ``worker`` produces (i % W == worker)."""
-    if start_batch <= worker:
-        return 0
-    return (start_batch - worker + num_workers - 1) // num_workers
+            yield builder.emit(stream, consumed)
 
 
 class _TrainStreams(IterableDataset):
@@ -273,7 +300,7 @@ class _TrainStreams(IterableDataset):
         dp_rank: int,
         dp_size: int,
         micro_batch_size: int,
-        start_batch: int,
+        start: DataPosition,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -282,7 +309,7 @@ class _TrainStreams(IterableDataset):
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.micro_batch_size = micro_batch_size
-        self.start_batch = start_batch
+        self.start = start
         self.num_workers = max(cfg.num_workers, 1)
 
     def _worker_index(self) -> int:
@@ -299,24 +326,24 @@ class _TrainStreams(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         workers = self.num_workers
         # DataLoader worker 0 serves the first batch requested, which is global batch
-        # start_batch; the stream that owns it is logical worker start_batch % W.
-        logical = (self._worker_index() + self.start_batch) % workers
+        # start.batches; the stream that owns it is logical worker start.batches % W.
+        logical = (self._worker_index() + self.start.batches) % workers
         stream = self.dp_rank * workers + logical
         log = _SkipLog(f"data stream {stream} (dp rank {self.dp_rank}, worker {logical})")
         shards = self.shards[stream :: self.dp_size * workers]
         candidates = _candidates(shards, self.cfg.seed, stream, self.cfg.shuffle_buffer, log)
         builder = _BatchBuilder(self.tokenizer, self.cfg, log)
-        skip = _batches_before(self.start_batch, logical, workers)
-        return _train_batches(candidates, builder, self.micro_batch_size, skip)
+        skip = self.start.streams.get(stream, 0)
+        return _train_batches(candidates, builder, self.micro_batch_size, stream, skip)
 
 
-def _check_loader_args(dp_rank: int, dp_size: int, micro_batch_size: int, start_batch: int) -> None:
+def _check_loader_args(dp_rank: int, dp_size: int, micro_batch_size: int, start: DataPosition) -> None:
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
-    if start_batch < 0:
-        raise ValueError(f"start_batch={start_batch} must be >= 0")
+    if start.batches < 0 or any(count < 0 for count in start.streams.values()):
+        raise ValueError(f"a data position counts up from 0, got {start}")
 
 
 def check_shard_count(shards: list[str], cfg: DataConfig, dp_size: int) -> None:
@@ -336,7 +363,7 @@ def build_train_loader(
     dp_rank: int,
     dp_size: int,
     micro_batch_size: int,
-    start_batch: int = 0,
+    start: DataPosition | None = None,
 ) -> Iterable[Batch]:
     """An endless, deterministic stream of training micro-batches for one data-parallel rank.
 
@@ -346,20 +373,21 @@ def build_train_loader(
         dp_rank, dp_size: this rank's data-parallel index and the data-parallel world size
             (not the global rank: tensor-parallel peers pass the same ``dp_rank``).
         micro_batch_size: samples per batch.
-        start_batch: batches already consumed; iteration starts with batch ``start_batch``.
+        start: where this rank's data stands (a resumed run's saved position; None: the start).
+            It may come from a run with another ``micro_batch_size``: positions count samples.
 
     Returns:
-        A DataLoader; each ``iter()`` starts again at ``start_batch``. Same arguments, same
-        batches.
+        A DataLoader; each ``iter()`` starts again at ``start``. Same arguments, same batches.
 
     Raises:
         ConfigError: the shards are missing, or fewer than ``dp_size * max(num_workers, 1)``.
     """
     cfg.validate("data")
-    _check_loader_args(dp_rank, dp_size, micro_batch_size, start_batch)
+    start = start or DataPosition()
+    _check_loader_args(dp_rank, dp_size, micro_batch_size, start)
     shards = expand_shards(cfg.train_shards, "data.train_shards")
     check_shard_count(shards, cfg, dp_size)
-    dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start_batch)
+    dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
 
 
@@ -367,17 +395,26 @@ def build_train_loader(
 # Evaluation
 
 
-def iter_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int) -> Iterator[Batch]:
-    """Every usable sample of ``cfg.eval_shards`` once, in file order, in this process.
+def iter_eval_batches(
+    cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, dp_rank: int = 0, dp_size: int = 1
+) -> Iterator[Batch]:
+    """This data-parallel rank's share of the evaluation set, streamed: every usable sample of
+    its shards (``shards[dp_rank::dp_size]`` of ``cfg.eval_shards``) once, in file order.
 
-    The last batch may be smaller. Raises ConfigError if the shards are missing or hold no
-    usable sample.
+    Only one batch is held at a time, so the set may be of any size. The last batch may be
+    smaller; a rank may get no shard at all when there are fewer shards than ranks.
+
+    Raises:
+        ConfigError: the shards are missing, or (read whole, ``dp_size == 1``) hold no usable
+            sample.
     """
     cfg.validate("data")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
-    shards = expand_shards(cfg.eval_shards, "data.eval_shards")
-    log = _SkipLog("eval data")
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    shards = expand_shards(cfg.eval_shards, "data.eval_shards")[dp_rank::dp_size]
+    log = _SkipLog("eval data" if dp_size == 1 else f"eval data (dp rank {dp_rank})")
     builder = _BatchBuilder(tokenizer, cfg, log)
     delivered = 0
     for sample in iter_tar_samples(shards, log.handler):
@@ -390,8 +427,41 @@ def iter_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int) ->
     if len(builder):
         delivered += len(builder)
         yield builder.emit()
-    if delivered == 0:
+    if delivered == 0 and dp_size == 1:
         raise ConfigError(
             f"data.eval_shards={cfg.eval_shards!r} hold no usable samples ({log.total} skipped); "
             "run tools/make_demo_data.py or fix the path"
         )
+
+
+def placeholder_batch(cfg: DataConfig) -> Batch:
+    """One blank sample of the right shapes, for a rank that must join a collective forward pass
+    without data of its own (a black image, a caption of BOS alone)."""
+    ids = torch.zeros(1, cfg.max_text_length, dtype=torch.int64)  # (1, T)
+    mask = torch.zeros(1, cfg.max_text_length, dtype=torch.bool)  # (1, T)
+    ids[0, 0], mask[0, 0] = BOS_ID, True
+    return {
+        "image": torch.zeros(1, 3, cfg.image_size, cfg.image_size),  # (1, 3, H, W)
+        "text_ids": ids,
+        "text_mask": mask,
+        "keys": ["placeholder"],
+        "skipped": 0,
+        "stream": -1,
+        "position": 0,
+    }
+
+
+def data_stream_settings(cfg: DataConfig, shards: list[str]) -> dict[str, Any]:
+    """What a training data position depends on: with other values it would name other samples.
+
+    The shard list is recorded by file name (count and SHA-256), so moving the data elsewhere
+    keeps a position valid; ``micro_batch_size`` is absent because positions count samples.
+    """
+    names = "\n".join(os.path.basename(path) for path in shards)
+    return {
+        "shards": len(shards),
+        "shard_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest(),
+        "loader_workers": max(cfg.num_workers, 1),
+        "seed": cfg.seed,
+        "shuffle_buffer": cfg.shuffle_buffer,
+    }

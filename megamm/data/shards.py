@@ -137,7 +137,9 @@ def check_shards_readable(paths: Iterable[str], field_name: str, read_header: bo
         try:
             tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
         except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
-            raise ConfigError(f"{field_name}: shard {path} is empty or truncated; rewrite it or remove it from the specification") from None
+            raise ConfigError(
+                f"{field_name}: shard {path} is empty or truncated; rewrite it or remove it from the specification"
+            ) from None
         except tarfile.HeaderError:
             raise ConfigError(
                 f"{field_name}: shard {path} is not a tar file (its first header does not parse); "

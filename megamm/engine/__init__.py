@@ -1,6 +1,6 @@
 """The only package that imports DeepSpeed: engine construction, configs, checkpoints."""
 
-from megamm.engine.builder import build_engine, warmup_cosine
+from megamm.engine.builder import build_engine, clamp_parameters, warmup_cosine
 from megamm.engine.checkpoint import (
     MARKER,
     check_layout,
@@ -10,6 +10,7 @@ from megamm.engine.checkpoint import (
     load_checkpoint,
     read_marker,
     save_checkpoint,
+    set_aside_abandoned,
 )
 from megamm.engine.distributed import (
     LaunchInfo,
@@ -34,6 +35,7 @@ __all__ = [
     "build_engine",
     "check_layout",
     "check_precision",
+    "clamp_parameters",
     "complete_checkpoints",
     "device",
     "free_port",
@@ -47,5 +49,6 @@ __all__ = [
     "prepare_rendezvous",
     "read_marker",
     "save_checkpoint",
+    "set_aside_abandoned",
     "warmup_cosine",
 ]

@@ -7,9 +7,16 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_local_fp32_param,
+    safe_set_full_fp32_param,
+    safe_set_local_fp32_param,
+)
 from torch import nn
 
 from megamm.config import OptimConfig
+from megamm.model import CLAMP_ATTRIBUTE
 from megamm.parallel import ParallelState
 
 
@@ -59,3 +66,28 @@ def build_engine(
         mpu=parallel if parallel.world_size > 1 else None,
     )
     return engine
+
+
+def clamp_parameters(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Clamp every parameter that carries ``CLAMP_ATTRIBUTE = (low, high)`` in place, after a step.
+
+    The optimizer's fp32 master copy is clamped too (under ZeRO that copy is what the next step
+    updates), so a parameter pushed past its bound by momentum comes back into range at once and
+    keeps a gradient; clamping only in the forward pass would freeze it there for good. This is
+    how OpenCLIP bounds its logit scale. Collective under ZeRO: every rank calls it.
+    """
+    for param in engine.module.parameters():
+        bounds = getattr(param, CLAMP_ATTRIBUTE, None)
+        if bounds is None:
+            continue
+        low, high = bounds
+        with torch.no_grad():
+            if hasattr(param, "ds_id"):  # ZeRO-3: each rank clamps its own partition, no collective
+                safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
+                param.ds_tensor.clamp_(low, high)
+                param.data.clamp_(low, high)  # a persistent (small, never released) parameter's full copy
+                continue
+            master = safe_get_full_fp32_param(param)  # ZeRO 1/2: a collective over the DP group
+            if master is not None:
+                safe_set_full_fp32_param(param, master.clamp(low, high))
+            param.clamp_(low, high)  # the module's copy (without ZeRO, the only one)

@@ -4,14 +4,17 @@ A checkpoint is a DeepSpeed tag directory ``<dir>/global_step<N>``. It counts as
 only once every rank has finished writing and rank 0 has written ``megamm_complete.json``
 into it (atomically). Resume picks the newest complete one, so a save cut short by a crash
 or preemption is never loaded; older complete checkpoints are deleted only after a newer one
-is complete.
+is complete. A run resumed from an older step (a rollback) first moves the tags above it, the
+abandoned line, to ``<dir>/abandoned/``, so that neither resume nor pruning sees them again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +23,8 @@ import torch.distributed as dist
 from megamm.fileio import atomic_output
 
 MARKER = "megamm_complete.json"
+ABANDONED = "abandoned"
+"""Subdirectory that receives the checkpoints of a line abandoned by a rollback."""
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
 
@@ -86,16 +91,47 @@ def save_checkpoint(
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
         _write_json_atomic(path / MARKER, {"step": step, **marker})
-        _prune(directory, keep_last)
+        _prune(directory, keep_last, path)
     dist.barrier()
     return path
 
 
-def _prune(directory: Path, keep_last: int) -> None:
+def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints; never ``just_written``.
+
+    Steps order the checkpoints as they were saved, because :func:`set_aside_abandoned` has
+    moved every tag of an abandoned line out of the directory before the first save of a new one.
+    """
     for _, path in complete_checkpoints(directory)[:-keep_last]:
+        if path == just_written:
+            continue
         # Remove the marker first: a half-deleted checkpoint must never look complete.
         (path / MARKER).unlink()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_abandoned(directory: str | Path, resumed_step: int) -> list[Path]:
+    """Move the tags newer than ``resumed_step`` out of ``directory``; return where they went.
+
+    A run resumed from step S (a rollback, say after a loss spike) starts a new line of
+    checkpoints: tags above S belong to the abandoned line, and ``--resume auto`` must never
+    pick them again, nor may pruning count them. They are moved, intact and with their markers
+    (so still loadable by path), to ``<directory>/abandoned/resumed-at-step<S>-<time>/``.
+    Call it on one rank, before the new line's first save.
+    """
+    directory = Path(directory)
+    newer = [path for step, path in _tags(directory) if step > resumed_step]
+    if not newer:
+        return []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = directory / ABANDONED / f"resumed-at-step{resumed_step}-{stamp}"
+    target.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in newer:
+        destination = target / path.name
+        os.rename(path, destination)
+        moved.append(destination)
+    return moved
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:

@@ -6,29 +6,53 @@ from typing import Sequence
 
 import torch
 
+QUERY_CHUNK = 4096
+"""Queries scored at a time: memory is QUERY_CHUNK x N similarities, not N x N."""
+
+
+def _match_ranks(similarity: torch.Tensor, offset: int) -> torch.Tensor:
+    """similarity (q, N): row r's match is item ``offset + r``. Returns each match's rank (q,), 0 = first.
+
+    Ties count against the query: the rank is the number of items scoring strictly higher,
+    plus the number of other items scoring equal. Non-finite scores count against it too: a
+    match scoring NaN or +-inf gets rank N (a miss at every k), and an item scoring NaN ranks
+    above the match.
+    """
+    rows, items = similarity.shape
+    index = torch.arange(rows, device=similarity.device)
+    positives = similarity[index, index + offset].unsqueeze(1)  # (q, 1)
+    scores = similarity.nan_to_num(nan=float("inf"))  # (q, N) a NaN item outranks every real match
+    higher = (scores > positives).sum(dim=1)
+    ties = (scores == positives).sum(dim=1) - 1
+    rank = higher + ties  # (q,)
+    return rank.masked_fill(~torch.isfinite(positives.squeeze(1)), items)
+
 
 def recall_at_k(similarity: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """similarity (Q, N): query i's match is item i. Returns {k: fraction of queries whose match ranks < k}.
 
-    Ties count against the query: the rank of the match is the number of items scoring
-    strictly higher, plus the number of other items scoring equal.
+    See :func:`_match_ranks` for ties and non-finite scores: a diverged model scores near
+    zero, never 1.0.
     """
     queries, items = similarity.shape
     if queries != items:
         raise ValueError(f"expected one match per query, got a {queries}x{items} similarity matrix")
-    positives = similarity.diagonal().unsqueeze(1)  # (Q, 1)
-    higher = (similarity > positives).sum(dim=1)
-    ties = (similarity == positives).sum(dim=1) - 1
-    rank = higher + ties  # (Q,) 0 = first
+    rank = _match_ranks(similarity, 0)
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Text->image and image->text recall@K for paired, L2-normalised embeddings (N, E)."""
-    similarity = text_emb.float() @ image_emb.float().T  # (N_text, N_image)
+    """Text->image and image->text recall@K for paired, L2-normalised embeddings (N, E).
+
+    Scored QUERY_CHUNK queries at a time, so an evaluation set of any size fits in memory.
+    """
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"expected paired embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    images, texts = image_emb.float(), text_emb.float()
     metrics = {}
-    for k, value in recall_at_k(similarity, ks).items():
-        metrics[f"text_to_image_R@{k}"] = value
-    for k, value in recall_at_k(similarity.T, ks).items():
-        metrics[f"image_to_text_R@{k}"] = value
+    for name, queries, items in (("text_to_image", texts, images), ("image_to_text", images, texts)):
+        chunks = range(0, len(queries), QUERY_CHUNK)
+        ranks = torch.cat([_match_ranks(queries[i : i + QUERY_CHUNK] @ items.T, i) for i in chunks])  # (N,)
+        for k in ks:
+            metrics[f"{name}_R@{k}"] = (ranks < k).float().mean().item()
     return metrics

@@ -43,12 +43,22 @@ def contrastive_loss(
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
+CLAMP_ATTRIBUTE = "megamm_clamp"
+"""A parameter carrying this attribute, ``(low, high)``, is clamped in place after every
+optimizer step (``megamm.engine.clamp_parameters``), master copy included."""
+
+
 class ContrastiveHead(nn.Module):
-    """Learnable temperature + :func:`contrastive_loss`."""
+    """Learnable temperature + :func:`contrastive_loss`.
+
+    ``logit_scale`` is clamped to ``logit_scale_max`` in place after each optimizer step, as in
+    OpenCLIP; the clamp in the forward pass only covers the step between.
+    """
 
     def __init__(self, logit_scale_init: float, logit_scale_max: float, dp_group: ProcessGroup) -> None:
         super().__init__()
         self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))  # (1,): DeepSpeed rejects 0-dim
+        setattr(self.logit_scale, CLAMP_ATTRIBUTE, (None, logit_scale_max))
         self.logit_scale_max = logit_scale_max
         self.dp_group = dp_group
 

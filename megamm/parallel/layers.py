@@ -164,8 +164,9 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows over the group.
 
-    Input ids (...), replicated. Output (..., embedding_dim), replicated: each rank looks up
-    the ids in its vocabulary range, zeroes the rest, and the group sums the results.
+    Input ids (...), replicated, each in ``[0, num_embeddings)`` (checked at every TP size).
+    Output (..., embedding_dim), replicated: each rank looks up the ids in its vocabulary range,
+    zeroes the rest, and the group sums the results.
     """
 
     def __init__(
@@ -188,6 +189,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _sharded_parameter(master, group, dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # The same check at every TP size: masking would silently turn a bad id into a zero
+        # vector at TP > 1. The assert is device-side, so it costs no host sync on GPUs.
+        torch._assert_async(
+            ((ids >= 0) & (ids < self.num_embeddings)).all(),
+            f"VocabParallelEmbedding: token ids must be in [0, {self.num_embeddings}); check the "
+            "tokenizer against model.text.vocab_size",
+        )
         if group_size(self.group) == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

@@ -1,6 +1,7 @@
 """Run under `deepspeed` (4 ranks: TP=2 x DP=2, ZeRO-3): train a few steps with megamm's engine
-and, on every rank, the same model in one process with plain torch (AdamW, the same schedule
-and gradient clipping) on the same global batches. Rank 0 writes both loss curves as JSON.
+and, on every rank, the same model in one process with plain torch (AdamW, the same schedule,
+gradient clipping and in-place logit-scale bound) on the same global batches. Rank 0 writes
+both loss curves and final logit scales as JSON.
 
     deepspeed --num_gpus 4 tests/scripts/zero3_parity.py OUT.json [key=value overrides]
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 from megamm.config import load_config
-from megamm.engine import build_ds_config, build_engine, init_distributed, load_template
+from megamm.engine import build_ds_config, build_engine, clamp_parameters, init_distributed, load_template
 from megamm.engine.builder import parameter_groups, warmup_cosine
 from megamm.model import MultiModalTransformer
 from megamm.parallel import ParallelState
@@ -49,8 +51,10 @@ def reference_run(config, batch_size: int) -> tuple[list[float], list[float]]:
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip).item())
         optimizer.step()
         schedule.step()
+        with torch.no_grad():  # OpenCLIP's bound on the temperature, after the step
+            model.contrastive.logit_scale.clamp_(max=config.model.logit_scale_max)
         losses.append(loss.item())
-    return losses, norms
+    return losses, norms, model.contrastive.logit_scale.item()
 
 
 def main() -> None:
@@ -71,17 +75,22 @@ def main() -> None:
         loss = engine(*local)["loss"]
         engine.backward(loss)
         engine.step()
+        clamp_parameters(engine)
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=parallel.dp_group)
         losses.append(mean.item() / parallel.dp_size)
 
-    reference, reference_norms = reference_run(config, rows * parallel.dp_size)
+    reference, reference_norms, reference_scale = reference_run(config, rows * parallel.dp_size)
+    with deepspeed.zero.GatheredParameters([engine.module.contrastive.logit_scale]):
+        scale = engine.module.contrastive.logit_scale.item()
     if parallel.rank == 0:
         result = {
             "zero3": losses,
             "reference": reference,
             "zero3_last_grad_norm": float(engine.get_global_grad_norm()),
             "reference_grad_norms": reference_norms,
+            "zero3_logit_scale": scale,
+            "reference_logit_scale": reference_scale,
         }
         with open(out_path, "w") as handle:
             json.dump(result, handle)

@@ -8,7 +8,8 @@ or as one process: python launchers/pretrain.py --config tiny (MASTER_PORT: a fr
 Positional ``key.sub=value`` arguments override the recipe.
 
 Exit status: 0 done, 2 a usage or configuration error (nothing was written), 1 a failure while
-training. When a rank fails, it prints "[rankN] FAILED: <cause>" first; the ranks it leaves
+training, 128 + N after signal N (SIGTERM or SIGUSR1: preemption) once the step it finished is
+checkpointed. When a rank fails, it prints "[rankN] FAILED: <cause>" first; the ranks it leaves
 waiting print one line each and stop.
 """
 
@@ -20,7 +21,7 @@ import sys
 import traceback
 
 from megamm.config import ConfigError, load_config
-from megamm.engine import is_peer_failure, launch_info
+from megamm.engine import Preempted, is_peer_failure, launch_info
 from megamm.train import run_pretraining
 
 
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"{prefix}configuration error: {error}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stop:
+        if info.rank == 0:
+            print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        if info.world_size > 1:
+            _stop(stop.exit_code)
+        return stop.exit_code
     except Exception as error:  # a failure while training: make this rank's cause stand out
         if info.world_size > 1 and is_peer_failure(error):
             print(

@@ -11,9 +11,12 @@ from torch.utils.tensorboard import SummaryWriter
 class MetricsWriter:
     """Writes scalars to TensorBoard when ``active`` (the logging rank); a no-op elsewhere."""
 
-    def __init__(self, log_dir: str, active: bool) -> None:
+    def __init__(self, log_dir: str, active: bool, purge_step: Optional[int] = None) -> None:
+        """``purge_step``: the first step a resumed run logs. TensorBoard then hides what an
+        earlier attempt logged from that step on (after a crash, steps past its last checkpoint),
+        so the curves stay continuous, each step once."""
         self.log_dir = log_dir
-        self._writer: Optional[SummaryWriter] = SummaryWriter(log_dir) if active else None
+        self._writer: Optional[SummaryWriter] = SummaryWriter(log_dir, purge_step=purge_step) if active else None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is None:

@@ -22,7 +22,9 @@ from megamm.config import TrainConfig, to_dict
 from megamm.data import Batch, DataPosition, build_train_loader, iter_eval_batches, placeholder_batch
 from megamm.engine import (
     LaunchInfo,
+    Preempted,
     RunLock,
+    StopRequest,
     build_engine,
     clamp_parameters,
     device,
@@ -147,6 +149,7 @@ class Trainer:
         state: TrainState,
         marker: dict[str, Any],
         lock: Optional[RunLock] = None,
+        stop: Optional[StopRequest] = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -169,6 +172,8 @@ class Trainer:
         self.eval_samples = 0
         """Pairs scored by the last evaluation."""
         self.placeholder = placeholder_batch(config.data)
+        self.stop = stop
+        """Preemption signals, checked by all ranks together after every step."""
         self.device = device()
 
     def train_step(self) -> float:
@@ -202,8 +207,14 @@ class Trainer:
                 interval_loss, interval_steps = 0.0, 0
             if cfg.eval_interval and step % cfg.eval_interval == 0 and not last:
                 self.evaluate()
-            if step % cfg.checkpoint.save_interval == 0 or last:
-                self.save()
+            saved = step % cfg.checkpoint.save_interval == 0 or last
+            if saved:
+                path = self.save()
+            signum = self.stop.agreed() if self.stop is not None and not last else None
+            if signum is not None:
+                if not saved:
+                    path = self.save()
+                raise Preempted(signum, step, str(path))
         return self.evaluate()
 
     def _log_training(self, local_loss: float, samples_per_second: float) -> None:
@@ -305,22 +316,27 @@ def run_pretraining(
 
     Every check that needs no process group runs first (:func:`megamm.preflight.preflight`);
     then rank 0 takes ``checkpoint.dir``'s run lock, released however the run ends. A start
-    that fails leaves the checkpoint and TensorBoard directories as they were.
-    ``restart_data``: on resume, read the training data from its beginning instead of
+    that fails leaves the checkpoint and TensorBoard directories as they were. On SIGTERM or
+    SIGUSR1 (preemption) every rank finishes its step, the step is checkpointed, and
+    :class:`~megamm.engine.Preempted` is raised. ``restart_data``: on resume, read the training data from its beginning instead of
     continuing the checkpoint's data position (which a changed data stream is refused).
     """
     info = launch_info()
     _setup_logging(info.rank)
     plan = preflight(config, ds_config_path, resume, info, restart_data)
     lock = RunLock(config.checkpoint.dir).acquire() if info.rank == 0 else None
+    stop = StopRequest().install()
     try:
-        return _train(config, plan, info, lock)
+        return _train(config, plan, info, lock, stop)
     finally:
+        stop.uninstall()
         if lock is not None:
             lock.release()
 
 
-def _train(config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optional[RunLock]) -> dict[str, float]:
+def _train(
+    config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optional[RunLock], stop: StopRequest
+) -> dict[str, float]:
     init_distributed(info)
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
     zero_stage = plan.ds_config["zero_optimization"]["stage"]
@@ -352,7 +368,8 @@ def _train(config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optiona
             state.batches_consumed, state.data_position = 0, {}
 
     # Nothing is written to the run's directories before this point.
-    writer = MetricsWriter(config.logging.tensorboard_dir, active=parallel.rank == 0)
+    purge_step = state.step + 1 if plan.resume_from is not None else None  # hide a crashed attempt's later steps
+    writer = MetricsWriter(config.logging.tensorboard_dir, active=parallel.rank == 0, purge_step=purge_step)
     if parallel.rank == 0:
         with atomic_output(Path(config.logging.tensorboard_dir) / "config.yaml") as handle:
             handle.write(yaml.safe_dump(to_dict(config)).encode("utf-8"))
@@ -372,7 +389,7 @@ def _train(config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optiona
             config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size
         )
 
-    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state, marker, lock)
+    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state, marker, lock, stop)
     try:
         metrics = trainer.fit() if state.step < config.train_steps else trainer.evaluate()
     finally:

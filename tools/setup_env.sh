@@ -23,3 +23,9 @@ if [ ! -f "$_megamm_stamp" ]; then
   python -m pip install --quiet -e "$_megamm_root[dev]"
   touch "$_megamm_stamp"
 fi
+# One DeepSpeed op cache per venv: another venv would rebuild the shared one (minutes) and
+# could leave its build lock behind. A lock older than 15 minutes is a killed build's leftover
+# (a build takes 1-5 minutes), and would make every later start wait forever.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$_megamm_venv/torch_extensions}
+find "$TORCH_EXTENSIONS_DIR" -maxdepth 3 -name lock -mmin +15 -print -delete 2>/dev/null \
+  | sed 's/^/removed a stale DeepSpeed op build lock: /' || true

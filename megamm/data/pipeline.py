@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, TypedDict
 
@@ -337,6 +338,17 @@ class _TrainStreams(IterableDataset):
         return _train_batches(candidates, builder, self.micro_batch_size, stream, skip)
 
 
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Preemption signals (``megamm.engine.preemption.STOP_SIGNALS``): a scheduler sends them to every
+process of a job, and a DataLoader worker that died of one would take its rank down before the
+rank could checkpoint. The rank stops its workers itself."""
+
+
+def _ignore_scheduler_signals(_worker_id: int) -> None:
+    for signum in WORKER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _check_loader_args(dp_rank: int, dp_size: int, micro_batch_size: int, start: DataPosition) -> None:
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -388,7 +400,8 @@ def build_train_loader(
     shards = expand_shards(cfg.train_shards, "data.train_shards")
     check_shard_count(shards, cfg, dp_size)
     dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start)
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    init = _ignore_scheduler_signals if cfg.num_workers > 0 else None
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=init)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,14 +23,18 @@ from megamm.engine.distributed import (
     prepare_rendezvous,
 )
 from megamm.engine.ds_config import build_ds_config, load_template
+from megamm.engine.preemption import STOP_SIGNALS, Preempted, StopRequest
 from megamm.engine.runlock import DirectoryLocked, LockLost, RunLock
 
 __all__ = [
     "MARKER",
+    "STOP_SIGNALS",
     "DirectoryLocked",
     "LaunchInfo",
     "LockLost",
+    "Preempted",
     "RunLock",
+    "StopRequest",
     "build_ds_config",
     "build_engine",
     "check_layout",

@@ -9,9 +9,12 @@ fills in a launcher-less run and checks that rank 0 can bind the rendezvous port
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -23,6 +26,8 @@ from megamm.config import ConfigError
 _WORLD_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+log = logging.getLogger("megamm")
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,52 @@ def init_distributed(info: LaunchInfo | None = None) -> None:
     info = info or launch_info()
     prepare_rendezvous(info)
     select_device(info)
+    _warn_of_stale_op_build_lock()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    _unlink_shm_buffer(info)
+
+
+_STALE_LOCK_SECONDS = 15 * 60
+
+
+def _warn_of_stale_op_build_lock() -> None:
+    """Name the lock a killed DeepSpeed op build left behind: start-up would wait on it forever."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError, RuntimeError):
+        return
+    if age > _STALE_LOCK_SECONDS:
+        log.warning(
+            "DeepSpeed's op build lock %s is %.0f minutes old: a build killed midway leaves it, and start-up "
+            "then waits forever. If no build runs, delete it (tools/setup_env.sh removes such locks)",
+            lock,
+            age / 60,
+        )
+
+
+# DeepSpeed's CPU all-reduce (its shm comm op) maps one shared-memory segment per local rank,
+# named after the rendezvous, and never unlinks it: every run would leave about 69 MB of RAM
+# per rank in /dev/shm, and a later run on the same port could map a dead run's segment.
+_SHM_DIR = Path("/dev/shm")
+
+
+def _unlink_shm_buffer(info: LaunchInfo) -> None:
+    """Remove this rank's shm all-reduce segment from /dev/shm once every rank has mapped all of
+    them (after a barrier); the mappings, and so the all-reduce, stay valid until exit."""
+    if get_accelerator().device_name() != "cpu" or not _SHM_DIR.is_dir():
+        return
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{info.rank}"
+    )
+    if info.world_size > 1:
+        torch.distributed.barrier()  # shm_initialize has opened every peer's segment by now
+    (_SHM_DIR / name).unlink(missing_ok=True)
 
 
 def is_peer_failure(error: BaseException) -> bool:

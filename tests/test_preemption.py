@@ -1,0 +1,113 @@
+"""Preemption of a `deepspeed` launcher run: SIGTERM to the runner, a checkpoint inside the
+launcher's 30 s grace window, and a rerun that ends where an uninterrupted run ends.
+
+TP=1 x DP=2 under ZeRO-3, one DataLoader worker per rank (the launcher signals the workers too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.launch import ROOT, deepspeed_command, overrides, run
+
+STEPS = 16
+
+
+def _args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
+    common = dict(train_steps=str(STEPS), checkpoint__save_interval="100", logging__log_interval="1", **changes)
+    return ["--config", "tiny", *overrides(data, run_dir, **common)]
+
+
+def _losses(tensorboard: Path) -> dict[int, list[float]]:
+    """Every train/loss event TensorBoard shows, by step (a step logged twice shows twice)."""
+    accumulator = EventAccumulator(str(tensorboard))
+    accumulator.Reload()
+    events: dict[int, list[float]] = {}
+    for event in accumulator.Scalars("train/loss"):
+        events.setdefault(event.step, []).append(event.value)
+    return events
+
+
+def _wait_for_group_exit(group: int, timeout: float) -> None:
+    """Wait until no process of process group ``group`` is left (the ranks outlive the runner)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {group} still run {timeout:.0f} s after the signal")
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def test_preempted_launcher_run_checkpoints_in_the_grace_window_and_resumes_exactly(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    command = deepspeed_command(2, _args(data, tmp_path / "reference"))
+    reference = run(command, tmp_path / "reference.log")
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    port = command[command.index("--master_port") + 1]
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"DeepSpeed's shm all-reduce segments outlived the run: {leaked}"
+
+    run_dir = tmp_path / "preempted"
+    log_path = tmp_path / "preempted.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        runner = subprocess.Popen(
+            deepspeed_command(2, _args(data, run_dir)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(r"step [4-9]/16", log_path.read_text()):
+            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        signalled = time.monotonic()
+        # The job's process group, as SLURM, systemd or a terminal signal a job: on one node the
+        # `deepspeed` runner itself forwards nothing, its `launch` child forwards to the ranks.
+        os.killpg(runner.pid, signal.SIGTERM)
+        runner.wait(timeout=90)
+        _wait_for_group_exit(runner.pid, timeout=60)
+        stopped_after = time.monotonic() - signalled
+    finally:
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        runner.wait()
+    output = log_path.read_text()
+    match = re.search(r"preempted: stopped by SIGTERM after step (\d+); the checkpoint (\S+) holds it", output)
+    assert match, output[-4000:]
+    step = int(match.group(1))
+    assert 4 <= step < STEPS and Path(match.group(2)) == run_dir / "checkpoints" / f"global_step{step}"
+    assert (run_dir / "checkpoints" / f"global_step{step}" / "megamm_complete.json").is_file()
+    assert stopped_after < 30, f"the save took {stopped_after:.0f} s, past the launcher's 30 s grace window"
+    assert "DataLoader worker" not in output, "a loader worker died of the signal"
+
+    rerun = run(deepspeed_command(2, _args(data, run_dir)), tmp_path / "rerun.log")
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'global_step{step}'} at step {step}" in rerun.stdout
+
+    losses, expected = _losses(run_dir / "tensorboard"), _losses(tmp_path / "reference" / "tensorboard")
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in losses.values()), losses
+    assert losses == expected
+    final = f"global_step{STEPS}"
+    ours, theirs = _weights(run_dir / "checkpoints" / final), _weights(tmp_path / "reference" / "checkpoints" / final)
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
+    assert worst <= 1e-6, f"final weights differ by up to {worst}"

@@ -9,6 +9,7 @@ trains, checkpoints and evaluates retrieval.
 from __future__ import annotations
 
 import logging
+import socket
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,6 +300,20 @@ class Trainer:
             )
 
 
+def _rank_hosts(world_size: int) -> str:
+    """``node1 (ranks 0-1), node2 (ranks 2-3)``: where the ranks run (collective)."""
+    hosts: list[Any] = [socket.gethostname()]
+    if world_size > 1:
+        hosts = [None] * world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return ", ".join(
+        f"{host} (rank {r[0]})" if len(r) == 1 else f"{host} (ranks {', '.join(map(str, r))})" for host, r in ranks.items()
+    )
+
+
 def _setup_logging(rank: int) -> None:
     # DeepSpeed calls these torch collectives under their old names on every step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
@@ -341,6 +356,7 @@ def _train(
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
     zero_stage = plan.ds_config["zero_optimization"]["stage"]
     log.info("%d ranks: tp=%d dp=%d zero=%d", info.world_size, parallel.tp_size, plan.dp_size, zero_stage)
+    log.info("hosts: %s", _rank_hosts(info.world_size))
     if zero_stage != config.parallel.zero_stage:
         log.info(
             "parallel.zero_stage=%d: a single process has nothing to partition, so ZeRO stage %d runs "

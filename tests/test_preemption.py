@@ -111,3 +111,61 @@ def test_preempted_launcher_run_checkpoints_in_the_grace_window_and_resumes_exac
     assert ours.keys() == theirs.keys()
     worst = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
     assert worst <= 1e-6, f"final weights differ by up to {worst}"
+
+
+def _pids(token: str) -> list[int]:
+    """PIDs of the processes whose command line holds ``token``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if token.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def test_a_rank_killed_with_9_ends_the_job_nonzero_and_the_rerun_resumes(data: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    log_path = tmp_path / "killed.log"
+    args = ["--config", "tiny", *overrides(data, run_dir, train_steps="100000", checkpoint__save_interval="2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        runner = subprocess.Popen(
+            deepspeed_command(2, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "global_step4" not in log_path.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        rank1 = [pid for pid in _pids(str(run_dir)) if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        (victim,) = [pid for pid in rank1 if _parent(pid) not in rank1]  # the rank, not its loader worker
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        code = runner.wait(timeout=120)
+        ended_after = time.monotonic() - killed
+        _wait_for_group_exit(runner.pid, timeout=60)
+    finally:
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        runner.wait()
+    assert code != 0 and ended_after < 60, (code, ended_after, log_path.read_text()[-3000:])
+
+    from megamm.engine import latest_complete
+
+    newest = latest_complete(run_dir / "checkpoints")
+    assert newest is not None
+    step = int(newest.name.removeprefix("global_step"))
+    rerun = run(deepspeed_command(2, ["--config", "tiny", *overrides(data, run_dir, train_steps=str(step + 2))]),
+                tmp_path / "rerun.log")
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert f"resumed from {newest} at step {step}" in rerun.stdout

@@ -226,6 +226,9 @@ class LoggingConfig:
     tensorboard_dir: str = "runs/demo/tensorboard"
     log_interval: int = 10
     """Write scalars every this many steps."""
+    peak_tflops: float = 0.0
+    """One device's peak TFLOP/s in the training precision, to report MFU (0: MFU not reported;
+    tools/bench_train.py measures a CPU's matmul peak)."""
 
     def validate(self, prefix: str = "logging") -> None:
         _require(
@@ -233,6 +236,7 @@ class LoggingConfig:
             f"{prefix}.tensorboard_dir is empty; name a directory, e.g. {prefix}.tensorboard_dir=runs/NAME/tensorboard",
         )
         _require(self.log_interval > 0, f"{prefix}.log_interval must be positive")
+        _require(self.peak_tflops >= 0, f"{prefix}.peak_tflops must be >= 0 (0: no MFU), got {self.peak_tflops}")
 
 
 @dataclass

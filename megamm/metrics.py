@@ -1,9 +1,11 @@
-"""TensorBoard logging from one rank, and throughput measurement."""
+"""TensorBoard logging from one rank; throughput, step-phase timing and memory measurement."""
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -33,18 +35,66 @@ class MetricsWriter:
             self._writer.close()
 
 
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text, global_step=step)
+
+
 class Throughput:
-    """Samples per second between successive calls of :meth:`rate`."""
+    """Samples and steps per second between successive calls of :meth:`rate`."""
 
     def __init__(self) -> None:
         self._last = time.perf_counter()
         self._samples = 0
+        self._steps = 0
+        self.elapsed = 0.0
+        """Seconds covered by the last :meth:`rate`."""
+        self.steps_per_second = 0.0
+        """Steps per second over the last :meth:`rate`."""
 
     def add(self, samples: int) -> None:
+        """Count one step of ``samples`` samples."""
         self._samples += samples
+        self._steps += 1
 
     def rate(self) -> float:
         now = time.perf_counter()
-        elapsed, samples = now - self._last, self._samples
-        self._last, self._samples = now, 0
-        return samples / elapsed if elapsed > 0 else 0.0
+        self.elapsed, samples, steps = now - self._last, self._samples, self._steps
+        self._last, self._samples, self._steps = now, 0, 0
+        self.steps_per_second = steps / self.elapsed if self.elapsed > 0 else 0.0
+        return samples / self.elapsed if self.elapsed > 0 else 0.0
+
+
+PHASES = ("data_wait", "forward", "backward", "optimizer")
+"""The parts of a training step that :class:`StepTimer` measures."""
+
+
+class StepTimer:
+    """Wall time per phase of one step. ``synchronize`` (the accelerator's) is called around each
+    phase, and only on steps being measured, so other steps keep the device's asynchrony."""
+
+    def __init__(self, synchronize: Optional[Callable[[], None]] = None) -> None:
+        self._synchronize = synchronize or (lambda: None)
+        self.enabled = False
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    def start(self, enabled: bool) -> None:
+        """Begin a step; measure it if ``enabled``."""
+        self.enabled = enabled
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._synchronize()
+        begin = time.perf_counter()
+        yield
+        self._synchronize()
+        self.seconds[name] += time.perf_counter() - begin
+
+
+def host_max_rss_gb() -> float:
+    """This process's peak resident memory in GB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9

@@ -34,10 +34,12 @@ from megamm.engine import (
     load_checkpoint,
     save_checkpoint,
     set_aside_abandoned,
+    synchronize,
 )
 from megamm.evaluation import retrieval_metrics
 from megamm.fileio import atomic_output
-from megamm.metrics import MetricsWriter, Throughput
+from megamm.flops import image_tokens, model_flops_per_sample
+from megamm.metrics import MetricsWriter, StepTimer, Throughput, host_max_rss_gb
 from megamm.model import MultiModalTransformer
 from megamm.parallel import ParallelState
 from megamm.preflight import StartPlan, parallel_layout, preflight
@@ -176,19 +178,33 @@ class Trainer:
         self.stop = stop
         """Preemption signals, checked by all ranks together after every step."""
         self.device = device()
+        global_batch = config.micro_batch_size * config.grad_accum_steps * parallel.dp_size
+        self.flops_per_sample = model_flops_per_sample(config.model, global_batch=global_batch).training
+        self.image_tokens = image_tokens(config.model.image)
+        self.tokens_here = 0
+        """Image and (unpadded) text tokens this rank has trained on since the last log line."""
+        self.timer = StepTimer(synchronize if self.device.type != "cpu" else None)
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum_steps`` micro batches; returns the mean local loss."""
         total = 0.0
+        upcoming = self.state.step + 1
+        self.timer.start(upcoming % self.config.logging.log_interval == 0 or upcoming == self.config.train_steps)
         for _ in range(self.config.grad_accum_steps):
-            batch = next(self.batches)
+            with self.timer.phase("data_wait"):
+                batch = next(self.batches)
             self.position.advance(batch)
             self.skipped_here += int(batch.get("skipped", 0))
-            loss = self.engine(*_to_device(batch, self.device))["loss"]
-            self.engine.backward(loss)
-            self.engine.step()
+            self.tokens_here += int(batch["text_mask"].sum()) + self.image_tokens * len(batch["keys"])
+            with self.timer.phase("forward"):
+                loss = self.engine(*_to_device(batch, self.device))["loss"]
+            with self.timer.phase("backward"):
+                self.engine.backward(loss)
+            with self.timer.phase("optimizer"):
+                self.engine.step()
             total += loss.item()
-        clamp_parameters(self.engine)  # the logit scale, after the optimizer step
+        with self.timer.phase("optimizer"):
+            clamp_parameters(self.engine)  # the logit scale, after the optimizer step
         self.state.step += 1
         return total / self.config.grad_accum_steps
 
@@ -204,7 +220,7 @@ class Trainer:
             step = self.state.step
             last = step == cfg.train_steps
             if step % cfg.logging.log_interval == 0 or last:
-                self._log_training(interval_loss / interval_steps, throughput.rate())
+                self._log_training(interval_loss / interval_steps, throughput)
                 interval_loss, interval_steps = 0.0, 0
             if cfg.eval_interval and step % cfg.eval_interval == 0 and not last:
                 self.evaluate()
@@ -218,26 +234,48 @@ class Trainer:
                 raise Preempted(signum, step, str(path))
         return self.evaluate()
 
-    def _log_training(self, local_loss: float, samples_per_second: float) -> None:
-        loss_sum, skipped = _dp_sum([local_loss, float(self.skipped_here)], self.parallel)
+    def _log_training(self, local_loss: float, throughput: Throughput) -> None:
+        """Scalars of the interval since the last call: loss, LR, gradient norm, throughput
+        (samples, tokens, TFLOP/s, MFU), the last step's phases, memory, skipped samples."""
+        samples_per_second = throughput.rate()
+        loss_sum, skipped, tokens = _dp_sum(
+            [local_loss, float(self.skipped_here), float(self.tokens_here)], self.parallel
+        )
+        self.tokens_here = 0
         loss = loss_sum / self.parallel.dp_size
         lr = self.engine.get_lr()[0]
-        self.writer.scalars(
-            {
-                "train/loss": loss,
-                "train/lr": lr,
-                "train/samples_per_second": samples_per_second,
-                "train/samples_skipped": self.state.samples_skipped + skipped,
-            },
-            self.state.step,
-        )
+        grad_norm = self.engine.get_global_grad_norm()
+        tflops = samples_per_second * self.flops_per_sample / 1e12
+        scalars = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/samples_per_second": samples_per_second,
+            "train/tokens_per_second": tokens / throughput.elapsed if throughput.elapsed > 0 else 0.0,
+            "train/tflops": tflops,
+            "train/samples_skipped": self.state.samples_skipped + skipped,
+            "memory/host_max_rss_gb": host_max_rss_gb(),
+        }
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        peak = self.config.logging.peak_tflops
+        if peak > 0:
+            scalars["train/mfu"] = tflops / (peak * self.parallel.world_size)
+        if self.timer.enabled:
+            scalars.update({f"time/{name}_ms": 1e3 * value for name, value in self.timer.seconds.items()})
+        if self.device.type == "cuda":
+            scalars["memory/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        self.writer.scalars(scalars, self.state.step)
+        remaining = self.config.train_steps - self.state.step
+        eta = remaining / throughput.steps_per_second if throughput.steps_per_second > 0 else float("inf")
         log.info(
-            "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+            "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  %.3f TFLOP/s  eta %s",
             self.state.step,
             self.config.train_steps,
             loss,
             lr,
             samples_per_second,
+            tflops,
+            _duration(eta),
         )
 
     def evaluate(self) -> dict[str, float]:
@@ -298,6 +336,18 @@ class Trainer:
                 ", ".join(path.name for path in moved),
                 moved[0].parent,
             )
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m20s``, ``42s``."""
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def _rank_hosts(world_size: int) -> str:
@@ -386,9 +436,11 @@ def _train(
     # Nothing is written to the run's directories before this point.
     purge_step = state.step + 1 if plan.resume_from is not None else None  # hide a crashed attempt's later steps
     writer = MetricsWriter(config.logging.tensorboard_dir, active=parallel.rank == 0, purge_step=purge_step)
+    resolved = yaml.safe_dump(to_dict(config))
+    writer.text("config", "```yaml\n" + resolved + "```", state.step)  # the resolved config, in TensorBoard
     if parallel.rank == 0:
         with atomic_output(Path(config.logging.tensorboard_dir) / "config.yaml") as handle:
-            handle.write(yaml.safe_dump(to_dict(config)).encode("utf-8"))
+            handle.write(resolved.encode("utf-8"))
     start = DataPosition(state.batches_consumed, dict(state.data_position))
     loader = build_train_loader(
         config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start

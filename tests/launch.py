@@ -104,3 +104,24 @@ def write_bad_shard(path: Path, count: int) -> None:
             info = tarfile.TarInfo(f"bad-{path.stem}-{index:04d}.json")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+
+
+def tensorboard_events(tensorboard: str | Path, tag: str) -> dict[int, list[float]]:
+    """Every ``tag`` value TensorBoard shows, by step (a step logged twice shows twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tensorboard))
+    accumulator.Reload()
+    events: dict[int, list[float]] = {}
+    for event in accumulator.Scalars(tag):
+        events.setdefault(event.step, []).append(event.value)
+    return events
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of ``process``'s process group (it was started in a session of its own)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

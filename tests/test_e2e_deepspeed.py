@@ -8,6 +8,7 @@ run's losses step for step (model, optimizer, LR schedule and data position rest
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
         "train_steps": str(STEPS),
         "optim.warmup_steps": "5",
         "logging.log_interval": "1",
+        "logging.peak_tflops": "0.5",
         "eval_interval": "10",
         "checkpoint.save_interval": "10",
         "checkpoint.keep_last": "5",
@@ -64,6 +66,28 @@ def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
     result = run(deepspeed_command(4, args), run_dir.with_suffix(".log"))
     assert result.returncode == 0, result.stdout[-4000:]
     return result
+
+
+def _check_monitoring(tensorboard: Path, log: str) -> None:
+    """The scalars a user watches, with values that fit their definitions, and the config as text."""
+    values = {tag: _scalars(tensorboard, tag) for tag in (
+        "train/grad_norm", "train/tokens_per_second", "train/samples_per_second", "train/tflops", "train/mfu",
+        "memory/host_max_rss_gb", "time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
+    )}
+    for tag, by_step in values.items():
+        assert sorted(by_step) == list(range(1, STEPS + 1)), tag
+    for step in range(1, STEPS + 1):
+        assert values["train/grad_norm"][step] > 0
+        assert values["train/mfu"][step] == pytest.approx(values["train/tflops"][step] / (0.5 * 4), rel=1e-5)
+        # every sample brings (32/4)^2 + 1 = 65 image tokens and 3..24 caption tokens (BOS/EOS included)
+        ratio = values["train/tokens_per_second"][step] / values["train/samples_per_second"][step]
+        assert 65 + 3 <= ratio <= 65 + 24, ratio
+        assert all(values[f"time/{phase}_ms"][step] >= 0 for phase in ("data_wait", "forward", "backward", "optimizer"))
+        assert values["time/forward_ms"][step] > 0 and 0.1 < values["memory/host_max_rss_gb"][step] < 50
+    accumulator = EventAccumulator(str(tensorboard))
+    accumulator.Reload()
+    assert "config/text_summary" in accumulator.Tags()["tensors"]
+    assert re.search(r"step 20/20 .* TFLOP/s  eta 0s", log)
 
 
 def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: Path) -> None:
@@ -81,6 +105,7 @@ def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: P
     assert all(0 < value < 10 for value in losses.values())
     assert sorted(_scalars(full / "tensorboard", "train/lr")) == list(range(1, STEPS + 1))
     assert sorted(_scalars(full / "tensorboard", "eval/text_to_image_R@1")) == [10, 20]
+    _check_monitoring(full / "tensorboard", result.stdout)
     steps = [step for step, _ in complete_checkpoints(full / "checkpoints")]
     assert steps == [10, 20]
     # ZeRO-3 writes one optimizer/parameter shard per data-parallel rank and TP rank.

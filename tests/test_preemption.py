@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.launch import ROOT, deepspeed_command, overrides, run
+from tests.launch import ROOT, deepspeed_command, kill_group, overrides, run, tensorboard_events
 
 STEPS = 16
 
@@ -24,16 +23,6 @@ STEPS = 16
 def _args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
     common = dict(train_steps=str(STEPS), checkpoint__save_interval="100", logging__log_interval="1", **changes)
     return ["--config", "tiny", *overrides(data, run_dir, **common)]
-
-
-def _losses(tensorboard: Path) -> dict[int, list[float]]:
-    """Every train/loss event TensorBoard shows, by step (a step logged twice shows twice)."""
-    accumulator = EventAccumulator(str(tensorboard))
-    accumulator.Reload()
-    events: dict[int, list[float]] = {}
-    for event in accumulator.Scalars("train/loss"):
-        events.setdefault(event.step, []).append(event.value)
-    return events
 
 
 def _wait_for_group_exit(group: int, timeout: float) -> None:
@@ -85,11 +74,7 @@ def test_preempted_launcher_run_checkpoints_in_the_grace_window_and_resumes_exac
         _wait_for_group_exit(runner.pid, timeout=60)
         stopped_after = time.monotonic() - signalled
     finally:
-        try:
-            os.killpg(runner.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        runner.wait()
+        kill_group(runner)
     output = log_path.read_text()
     match = re.search(r"preempted: stopped by SIGTERM after step (\d+); the checkpoint (\S+) holds it", output)
     assert match, output[-4000:]
@@ -103,7 +88,8 @@ def test_preempted_launcher_run_checkpoints_in_the_grace_window_and_resumes_exac
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'global_step{step}'} at step {step}" in rerun.stdout
 
-    losses, expected = _losses(run_dir / "tensorboard"), _losses(tmp_path / "reference" / "tensorboard")
+    losses = tensorboard_events(run_dir / "tensorboard", "train/loss")
+    expected = tensorboard_events(tmp_path / "reference" / "tensorboard", "train/loss")
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in losses.values()), losses
     assert losses == expected
     final = f"global_step{STEPS}"
@@ -153,11 +139,7 @@ def test_a_rank_killed_with_9_ends_the_job_nonzero_and_the_rerun_resumes(data: d
         ended_after = time.monotonic() - killed
         _wait_for_group_exit(runner.pid, timeout=60)
     finally:
-        try:
-            os.killpg(runner.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        runner.wait()
+        kill_group(runner)
     assert code != 0 and ended_after < 60, (code, ended_after, log_path.read_text()[-3000:])
 
     from megamm.engine import latest_complete

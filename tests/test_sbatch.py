@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.launch import ROOT, overrides
+from tests.launch import ROOT, overrides, tensorboard_events
 from tests.slurm_cluster import SlurmCluster, slurm_cluster
 
 __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
@@ -32,15 +31,6 @@ def _submit(cluster: SlurmCluster, data: dict[str, str], run_dir: Path) -> tuple
     )]
     job = cluster.sbatch(ROOT / "launchers/run.sh", *args, sbatch_options=[*SBATCH, f"--output={output}"], cwd=ROOT)
     return job, output
-
-
-def _losses(tensorboard: Path) -> dict[int, list[float]]:
-    accumulator = EventAccumulator(str(tensorboard))
-    accumulator.Reload()
-    events: dict[int, list[float]] = {}
-    for event in accumulator.Scalars("train/loss"):
-        events.setdefault(event.step, []).append(event.value)
-    return events
 
 
 def _fp32_weights(checkpoint: Path) -> dict[str, list[torch.Tensor]]:
@@ -85,7 +75,7 @@ def test_sbatch_run_sh_trains_on_two_nodes(reference: Path) -> None:
     assert "4 ranks: tp=2 dp=2 zero=3" in log
     assert "hosts: node1 (ranks 0, 1), node2 (ranks 2, 3)" in log
     assert "text->image R@1" in log
-    assert sorted(_losses(reference / "tensorboard")) == list(range(1, STEPS + 1))
+    assert sorted(tensorboard_events(reference / "tensorboard", "train/loss")) == list(range(1, STEPS + 1))
 
 
 def test_sbatch_preempted_job_checkpoints_requeues_and_resumes(
@@ -108,9 +98,9 @@ def test_sbatch_preempted_job_checkpoints_requeues_and_resumes(
     assert "run.sh: preempted" in log and "requeueing job" in log
     assert re.search(rf"resumed from \S+global_step{step} at step {step}", log), log[-4000:]
 
-    losses = _losses(run_dir / "tensorboard")
+    losses = tensorboard_events(run_dir / "tensorboard", "train/loss")
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in losses.values()), losses
-    assert losses == _losses(reference / "tensorboard")
+    assert losses == tensorboard_events(reference / "tensorboard", "train/loss")
     final = f"checkpoints/global_step{STEPS}"
     ours, theirs = _fp32_weights(run_dir / final), _fp32_weights(reference / final)
     assert ours.keys() == theirs.keys() and len(ours) == 4

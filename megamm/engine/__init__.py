@@ -21,6 +21,7 @@ from megamm.engine.distributed import (
     is_peer_failure,
     launch_info,
     prepare_rendezvous,
+    synchronize,
 )
 from megamm.engine.ds_config import build_ds_config, load_template
 from megamm.engine.preemption import STOP_SIGNALS, Preempted, StopRequest
@@ -54,5 +55,6 @@ __all__ = [
     "read_marker",
     "save_checkpoint",
     "set_aside_abandoned",
+    "synchronize",
     "warmup_cosine",
 ]

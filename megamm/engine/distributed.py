@@ -211,3 +211,8 @@ def is_peer_failure(error: BaseException) -> bool:
 def device() -> torch.device:
     """This rank's compute device."""
     return torch.device(get_accelerator().current_device_name())
+
+
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (for timing; a no-op on CPU)."""
+    get_accelerator().synchronize()

@@ -27,6 +27,7 @@ from megamm.data import (
     known_sample_count,
 )
 from megamm.engine import (
+    ABANDONED,
     MARKER,
     LaunchInfo,
     build_ds_config,
@@ -119,11 +120,11 @@ def _report_incomplete(checkpoint_dir: str, chosen: Optional[Path]) -> None:
         if step > _step_of(chosen):
             log.warning(
                 "--resume auto skips %s: it has no %s, so its save did not finish (the run stopped while "
-                "writing it); %s, and the run rewrites that tag when it reaches step %d again",
+                "writing it); %s. The first save moves it, with any later tag, to %s/",
                 path,
                 MARKER,
                 target,
-                step,
+                Path(checkpoint_dir) / ABANDONED,
             )
         else:
             log.info("ignoring %s: an older checkpoint without %s", path, MARKER)

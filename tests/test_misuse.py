@@ -171,6 +171,7 @@ def test_startup_names_split_sizes_and_the_incomplete_checkpoint_it_skips(
     assert "data.train_shards: 4 shards, 128 samples; 4 per data-parallel rank" in log
     assert "data.eval_shards: 1 shard, 40 samples" in log
     assert f"--resume auto skips {partial}: it has no megamm_complete.json, so its save did not finish" in log
+    assert f"The first save moves it, with any later tag, to {run_dir / 'checkpoints' / 'abandoned'}/" in log
     assert f"resumed from {run_dir / 'checkpoints' / 'global_step4'} at step 4" in log
     assert "later checkpoints in checkpoint.dir (global_step6) belong to an abandoned line" in log
     assert "resuming with changed settings: " in log and "train_steps 4 -> 6" in log

@@ -2,6 +2,7 @@
 
 from megamm.engine.builder import build_engine, clamp_parameters, warmup_cosine
 from megamm.engine.checkpoint import (
+    ABANDONED,
     MARKER,
     check_layout,
     complete_checkpoints,
@@ -28,6 +29,7 @@ from megamm.engine.preemption import STOP_SIGNALS, Preempted, StopRequest
 from megamm.engine.runlock import DirectoryLocked, LockLost, RunLock
 
 __all__ = [
+    "ABANDONED",
     "MARKER",
     "STOP_SIGNALS",
     "DirectoryLocked",

@@ -7,21 +7,16 @@ import hashlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megamm.engine import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "launchers/pretrain.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deepspeed_command(num_ranks: int, script_args: Sequence[str], script: str = "launchers/pretrain.py") -> list[str]:
@@ -54,7 +49,7 @@ def run(command: Sequence[str], log_path: Path, timeout: float = 600) -> subproc
     return subprocess.CompletedProcess(command, process.returncode, log_path.read_text(), "")
 
 
-def digest(*roots: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+def digest(*roots: Path) -> dict[str, str]:
     """sha256 of every file and a marker for every directory under ``roots`` (absent roots included)."""
     state: dict[str, str] = {}
     for root in roots:
@@ -62,8 +57,6 @@ def digest(*roots: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
             state[str(root)] = "absent"
             continue
         for path in sorted(root.rglob("*")):
-            if path.name in skip:
-                continue
             state[str(path)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 

@@ -20,7 +20,7 @@ from megamm.config import load_config
 from megamm.data import iter_captions, train_tokenizer, write_demo_dataset
 from megamm.engine import complete_checkpoints
 from megamm.model import MultiModalTransformer
-from tests.launch import ROOT, deepspeed_command, run
+from tests.launch import ROOT, deepspeed_command, overrides, run
 
 STEPS = 20
 
@@ -48,21 +48,11 @@ def data(tmp_path_factory) -> dict[str, str]:
 
 
 def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
-    overrides = {
-        **data,
-        "parallel.tensor_parallel": "2",
-        "micro_batch_size": "8",
-        "train_steps": str(STEPS),
-        "optim.warmup_steps": "5",
-        "logging.log_interval": "1",
-        "logging.peak_tflops": "0.5",
-        "eval_interval": "10",
-        "checkpoint.save_interval": "10",
-        "checkpoint.keep_last": "5",
-        "checkpoint.dir": str(run_dir / "checkpoints"),
-        "logging.tensorboard_dir": str(run_dir / "tensorboard"),
-    }
-    args = ["--config", "tiny", "--resume", resume, *(f"{k}={v}" for k, v in overrides.items())]
+    changes = dict(
+        parallel__tensor_parallel="2", train_steps=str(STEPS), optim__warmup_steps="5", logging__log_interval="1",
+        logging__peak_tflops="0.5", eval_interval="10", checkpoint__save_interval="10", checkpoint__keep_last="5",
+    )
+    args = ["--config", "tiny", "--resume", resume, *overrides(data, run_dir, **changes)]
     result = run(deepspeed_command(4, args), run_dir.with_suffix(".log"))
     assert result.returncode == 0, result.stdout[-4000:]
     return result

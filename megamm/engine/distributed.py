@@ -146,10 +146,12 @@ def init_distributed(info: LaunchInfo | None = None) -> None:
     """Join the job started by a launcher (deepspeed, torchrun; MPI through DeepSpeed's discovery).
 
     A plain ``python launchers/pretrain.py`` without launcher variables runs as a world of one
-    on 127.0.0.1 (see :func:`prepare_rendezvous`).
+    on 127.0.0.1 (see :func:`prepare_rendezvous`). Given ``info``, the caller has already run
+    :func:`prepare_rendezvous` with it (as preflight does); without, it runs here.
     """
-    info = info or launch_info()
-    prepare_rendezvous(info)
+    if info is None:
+        info = launch_info()
+        prepare_rendezvous(info)
     select_device(info)
     _warn_of_stale_op_build_lock()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())

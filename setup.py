@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "fairscale==0.4.13"],
+        "dev": ["pytest>=8", "fairscale==0.4.13", "mpi4py>=4", "mpich"],
         "mpi": ["mpi4py>=4", "mpich"],
     },
 )

@@ -135,9 +135,18 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     zero_stage: int = 3
+    collective_timeout_s: float = 1800.0
+    """How long a rank may wait without progress (a step, an evaluation round, a save) before it
+    fails the job; also the process group's collective timeout. A rank that dies ends the job at
+    once (its connections close); one that hangs (a stopped process, a stalled filesystem) ends
+    it after this long. Keep it above the slowest step, save or evaluation round."""
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.tensor_parallel >= 1, f"{prefix}.tensor_parallel must be >= 1")
+        _require(
+            self.collective_timeout_s >= 1,
+            f"{prefix}.collective_timeout_s must be >= 1 second, got {self.collective_timeout_s}",
+        )
         _require(
             self.pipeline_parallel == 1,
             f"{prefix}.pipeline_parallel={self.pipeline_parallel}: pipeline parallelism is not "
@@ -459,6 +468,11 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
         data = loaded
     data = _deep_merge(data, parse_overrides(overrides))
     return _from_dict(TrainConfig, data, "")
+
+
+def config_from_dict(base: dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    """A config from a saved nested dict (a checkpoint's), then ``key.sub=value`` overrides."""
+    return _from_dict(TrainConfig, _deep_merge(base, parse_overrides(overrides)), "")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -78,6 +78,8 @@ class StartPlan:
     """The settings the training data position depends on (recorded in each checkpoint)."""
     restart_data: bool = False
     """Resume the model but read the training data from its beginning."""
+    init_from: Optional[Path] = None
+    """A checkpoint whose weights (only) start this run, when it does not resume its own."""
 
 
 def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int) -> dict[str, int]:
@@ -108,6 +110,70 @@ def resolve_resume(resume: str, checkpoint_dir: str) -> Optional[Path]:
     if not path.is_dir():
         raise ConfigError(f"--resume {resume}: no such checkpoint directory (use auto, none or a path)")
     return path
+
+
+def resolve_init_source(spec: str) -> Path:
+    """The checkpoint a fine-tuning run starts from: a ``global_step<N>`` directory, or a
+    ``checkpoint.dir`` (its newest complete checkpoint).
+
+    Raises:
+        ConfigError: ``spec`` is neither, the checkpoint is incomplete, or it records no config.
+    """
+    path = Path(spec)
+    chosen = path if (path / MARKER).is_file() else None
+    if chosen is None and path.is_dir() and not path.name.startswith("global_step"):
+        chosen = latest_complete(path)
+    if chosen is None:
+        why = f"its save did not finish (no {MARKER})" if path.is_dir() else "no such directory"
+        raise ConfigError(
+            f"--from {spec}: not a complete megamm checkpoint ({why}); name a checkpoint.dir of a finished "
+            "run or one of its global_step<N> directories"
+        )
+    if "config" not in read_marker(chosen):
+        raise ConfigError(f"--from {spec}: {chosen} records no config (an older megamm wrote it)")
+    return chosen
+
+
+def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -> None:
+    """Refuse fine-tuning settings that the checkpoint's weights cannot serve.
+
+    The weights fit only the model they were trained as (every ``model.*`` field), sharded the
+    same way (``parallel.tensor_parallel``; any data-parallel size and ZeRO stage is fine), and
+    they mean what they mean only with the tokenizer they were trained with. The run must write
+    its own checkpoints and TensorBoard events, never into the source run's.
+
+    Raises:
+        ConfigError: naming each field that differs and what to do.
+    """
+    marker = read_marker(source)
+    saved = marker["config"]  # resolve_init_source made sure of it
+    old, new = _flatten(saved), _flatten(to_dict(config))
+    model_changes = sorted(name for name in old.keys() | new.keys() if name.startswith("model.") and old.get(name) != new.get(name))
+    problems = []
+    if model_changes:
+        problems.append(
+            f"the model differs ({_changes(model_changes, old, new)}): the weights fit only the model they "
+            "were trained as; drop these overrides"
+        )
+    if marker.get("tensor_parallel") != config.parallel.tensor_parallel:
+        problems.append(
+            f"parallel.tensor_parallel={config.parallel.tensor_parallel} but the checkpoint is sharded over "
+            f"{marker.get('tensor_parallel')} tensor-parallel ranks; use that (any data-parallel size works)"
+        )
+    if marker.get("tokenizer_sha256") not in (None, tokenizer.fingerprint):
+        problems.append(
+            f"data.tokenizer={config.data.tokenizer} is another SentencePiece model than the one the weights "
+            "were trained with; use that one"
+        )
+    source_dirs = (saved.get("checkpoint", {}).get("dir"), saved.get("logging", {}).get("tensorboard_dir"))
+    for field_name, value, before in (
+        ("checkpoint.dir", config.checkpoint.dir, source_dirs[0]),
+        ("logging.tensorboard_dir", config.logging.tensorboard_dir, source_dirs[1]),
+    ):
+        if before is not None and Path(value).resolve() == Path(before).resolve():
+            problems.append(f"{field_name}={value} is the source run's; give the fine-tuning run its own")
+    if problems:
+        raise ConfigError(f"cannot fine-tune from {source}: " + "; ".join(problems))
 
 
 def _step_of(path: Optional[Path]) -> int:
@@ -229,9 +295,17 @@ def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[
 
 
 def preflight(
-    config: TrainConfig, ds_config_path: str, resume: str, info: LaunchInfo, restart_data: bool = False
+    config: TrainConfig,
+    ds_config_path: str,
+    resume: str,
+    info: LaunchInfo,
+    restart_data: bool = False,
+    init_from: Optional[Path] = None,
 ) -> StartPlan:
     """Every check that needs no process group, in the order a user would fix them. Writes nothing.
+
+    ``init_from``: a checkpoint whose weights start the run (fine-tuning), checked against the
+    config; a run that resumes its own checkpoint does not use it.
 
     Raises:
         ConfigError: the first problem found, naming the field or file and the fix.
@@ -256,8 +330,13 @@ def preflight(
         check_resume_config(checkpoint, config, tokenizer, data_stream, restart_data)
     elif restart_data:
         log.info("--restart-data: nothing to resume, so it changes nothing")
+    if init_from is not None:
+        check_init_source(init_from, config, tokenizer)
+        if checkpoint is not None:
+            log.info("resuming this fine-tuning run from %s; the weights of %s are not loaded again", checkpoint, init_from)
+            init_from = None
     prepare_rendezvous(info)
-    return StartPlan(dp_size, ds_config, tokenizer, checkpoint, train_shards, data_stream, restart_data)
+    return StartPlan(dp_size, ds_config, tokenizer, checkpoint, train_shards, data_stream, restart_data, init_from)
 
 
 __all__ = [
@@ -265,8 +344,10 @@ __all__ = [
     "FROM_CHECKPOINT",
     "StartPlan",
     "check_data",
+    "check_init_source",
     "check_resume_config",
     "parallel_layout",
     "preflight",
+    "resolve_init_source",
     "resolve_resume",
 ]

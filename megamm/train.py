@@ -26,12 +26,15 @@ from megamm.engine import (
     Preempted,
     RunLock,
     StopRequest,
+    Watchdog,
     build_engine,
+    check_shared_directory,
     clamp_parameters,
     device,
     init_distributed,
     launch_info,
     load_checkpoint,
+    load_model_weights,
     save_checkpoint,
     set_aside_abandoned,
     synchronize,
@@ -97,7 +100,11 @@ def _any_rank(flag: bool, parallel: ParallelState) -> bool:
 
 
 def evaluate_retrieval(
-    engine: Any, batches: Iterable[Batch], parallel: ParallelState, placeholder: Batch
+    engine: Any,
+    batches: Iterable[Batch],
+    parallel: ParallelState,
+    placeholder: Batch,
+    progress: Optional[Callable[[], None]] = None,
 ) -> tuple[dict[str, float], int]:
     """Embed this rank's share of the evaluation set, gather every rank's embeddings and score them.
 
@@ -107,6 +114,7 @@ def evaluate_retrieval(
     all-reduce says whether any rank still has a batch, and a rank without one embeds
     ``placeholder`` and drops the result. Returns the metrics and the number of pairs scored.
     Non-finite embeddings (a diverged run) count as misses and are reported in the log.
+    ``progress`` is called every round (a watchdog's heartbeat).
     """
     target = device()
     local_images: list[torch.Tensor] = []
@@ -115,6 +123,8 @@ def evaluate_retrieval(
     engine.eval()
     with torch.no_grad():
         while True:
+            if progress is not None:
+                progress()
             batch = next(iterator, None)
             if not _any_rank(batch is not None, parallel):
                 break
@@ -153,6 +163,7 @@ class Trainer:
         marker: dict[str, Any],
         lock: Optional[RunLock] = None,
         stop: Optional[StopRequest] = None,
+        watchdog: Optional[Watchdog] = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -177,6 +188,8 @@ class Trainer:
         self.placeholder = placeholder_batch(config.data)
         self.stop = stop
         """Preemption signals, checked by all ranks together after every step."""
+        self.watchdog = watchdog
+        """Ends this rank if it stops making progress (a hung peer); told of every step, save and eval batch."""
         self.device = device()
         global_batch = config.micro_batch_size * config.grad_accum_steps * parallel.dp_size
         self.flops_per_sample = model_flops_per_sample(config.model, global_batch=global_batch).training
@@ -189,6 +202,7 @@ class Trainer:
         """One optimizer step over ``grad_accum_steps`` micro batches; returns the mean local loss."""
         total = 0.0
         upcoming = self.state.step + 1
+        self._progress(f"training step {upcoming}")
         self.timer.start(upcoming % self.config.logging.log_interval == 0 or upcoming == self.config.train_steps)
         for _ in range(self.config.grad_accum_steps):
             with self.timer.phase("data_wait"):
@@ -278,9 +292,14 @@ class Trainer:
             _duration(eta),
         )
 
+    def _progress(self, doing: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(doing)
+
     def evaluate(self) -> dict[str, float]:
+        doing = f"evaluating at step {self.state.step}"
         metrics, self.eval_samples = evaluate_retrieval(
-            self.engine, self.eval_batches(), self.parallel, self.placeholder
+            self.engine, self.eval_batches(), self.parallel, self.placeholder, lambda: self._progress(doing)
         )
         self.writer.scalars({f"eval/{name}": value for name, value in metrics.items()}, self.state.step)
         self.writer.flush()
@@ -304,6 +323,7 @@ class Trainer:
         self.skipped_here = 0
 
     def save(self) -> Path:
+        self._progress(f"saving the checkpoint of step {self.state.step}")
         if self.lock is not None:
             self.lock.check()  # another run took checkpoint.dir over: never write into its checkpoints
         if self.line_start is not None:
@@ -375,7 +395,11 @@ def _setup_logging(rank: int) -> None:
 
 
 def run_pretraining(
-    config: TrainConfig, ds_config_path: str, resume: str = "auto", restart_data: bool = False
+    config: TrainConfig,
+    ds_config_path: str,
+    resume: str = "auto",
+    restart_data: bool = False,
+    init_from: Optional[Path] = None,
 ) -> dict[str, float]:
     """Train ``config`` on every rank of the current launch; returns the final eval metrics.
 
@@ -383,12 +407,17 @@ def run_pretraining(
     then rank 0 takes ``checkpoint.dir``'s run lock, released however the run ends. A start
     that fails leaves the checkpoint and TensorBoard directories as they were. On SIGTERM or
     SIGUSR1 (preemption) every rank finishes its step, the step is checkpointed, and
-    :class:`~megamm.engine.Preempted` is raised. ``restart_data``: on resume, read the training data from its beginning instead of
-    continuing the checkpoint's data position (which a changed data stream is refused).
+    :class:`~megamm.engine.Preempted` is raised. ``restart_data``: on resume, read the training
+    data from its beginning instead of continuing the checkpoint's data position (which a
+    changed data stream is refused).
+
+    ``init_from`` (fine-tuning, ``launchers/finetune.py``): a checkpoint whose weights start the
+    run, with a fresh optimizer, schedule, step counter and data stream. The run evaluates them
+    at step 0 before training. Once the run has checkpoints of its own, it resumes those instead.
     """
     info = launch_info()
     _setup_logging(info.rank)
-    plan = preflight(config, ds_config_path, resume, info, restart_data)
+    plan = preflight(config, ds_config_path, resume, info, restart_data, init_from)
     lock = RunLock(config.checkpoint.dir).acquire() if info.rank == 0 else None
     stop = StopRequest().install()
     try:
@@ -402,7 +431,8 @@ def run_pretraining(
 def _train(
     config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optional[RunLock], stop: StopRequest
 ) -> dict[str, float]:
-    init_distributed(info)
+    init_distributed(info, config.parallel.collective_timeout_s)
+    check_shared_directory(config.checkpoint.dir)
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
     zero_stage = plan.ds_config["zero_optimization"]["stage"]
     log.info("%d ranks: tp=%d dp=%d zero=%d", info.world_size, parallel.tp_size, plan.dp_size, zero_stage)
@@ -421,6 +451,9 @@ def _train(
     sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     full = local + (parallel.tp_size - 1) * sharded
     log.info("model: %.2fM parameters (%.2fM on each tensor-parallel rank, before ZeRO)", full / 1e6, local / 1e6)
+    if plan.init_from is not None:
+        model.load_state_dict(load_model_weights(plan.init_from, parallel.tp_rank))
+        log.info("weights from %s (optimizer, schedule and step counter start afresh)", plan.init_from)
     engine = build_engine(model, config.optim, config.train_steps, plan.ds_config, parallel)
 
     state = TrainState()
@@ -457,10 +490,14 @@ def _train(
             config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size
         )
 
-    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state, marker, lock, stop)
+    watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("starting the data loader")
+    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state, marker, lock, stop, watchdog)
     try:
+        if plan.init_from is not None:
+            trainer.evaluate()  # the starting weights, at step 0
         metrics = trainer.fit() if state.step < config.train_steps else trainer.evaluate()
     finally:
+        watchdog.stop()
         writer.close()
     if parallel.rank == 0:
         print(

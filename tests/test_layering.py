@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"flops"},
     "preflight": {"config", "data", "engine"},
     "train": {"config", "flops", "parallel", "model", "engine", "data", "evaluation", "metrics", "fileio", "preflight"},
+    "cli": {"config", "engine"},
     "": {"config"},  # megamm/__init__.py
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -142,12 +143,79 @@ def test_a_rank_killed_with_9_ends_the_job_nonzero_and_the_rerun_resumes(data: d
         kill_group(runner)
     assert code != 0 and ended_after < 60, (code, ended_after, log_path.read_text()[-3000:])
 
-    from megamm.engine import latest_complete
+    from megamm.engine import MARKER, latest_complete
 
     newest = latest_complete(run_dir / "checkpoints")
     assert newest is not None
     step = int(newest.name.removeprefix("global_step"))
+    # A save cut short mid-write, as a kill during a save leaves it: files, no completion marker.
+    torn = newest.with_name(f"global_step{step + 2}")
+    shutil.rmtree(torn, ignore_errors=True)  # the kill may have cut this very save short already
+    shutil.copytree(newest, torn)
+    (torn / MARKER).unlink()
+    for shard in torn.glob("*_optim_states.pt"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     rerun = run(deepspeed_command(2, ["--config", "tiny", *overrides(data, run_dir, train_steps=str(step + 2))]),
                 tmp_path / "rerun.log")
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert f"resumed from {newest} at step {step}" in rerun.stdout
+    assert f"resumed from {newest} at step {step}" in rerun.stdout, "--resume auto must pass over the torn tag"
+    assert f"--resume auto skips {torn}" in rerun.stdout
+    assert (run_dir / "checkpoints" / f"global_step{step + 2}" / MARKER).is_file()  # saved anew, complete
+
+
+def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(data: dict[str, str], tmp_path: Path) -> None:
+    """A hung rank (SIGSTOP: it neither works nor closes its connections) fails the job after
+    parallel.collective_timeout_s (the peers' watchdog: DeepSpeed's shared-memory CPU all-reduce
+    would spin forever), plus the launcher's 30 s before it SIGKILLs what ignores SIGTERM."""
+    run_dir = tmp_path / "hung"
+    log_path = tmp_path / "hung.log"
+    timeout_s = 10
+    args = ["--config", "tiny", *overrides(data, run_dir, train_steps="100000", parallel__collective_timeout_s=str(timeout_s))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        runner = subprocess.Popen(
+            deepspeed_command(2, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(r"step \d+/100000", log_path.read_text()):
+            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        rank1 = [pid for pid in _pids(str(run_dir)) if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        (victim,) = [pid for pid in rank1 if _parent(pid) not in rank1]
+        stopped = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        code = runner.wait(timeout=timeout_s + 90)
+        ended_after = time.monotonic() - stopped
+    finally:
+        kill_group(runner)
+    output = log_path.read_text()
+    assert code != 0 and ended_after < timeout_s + 30 + 20, (code, ended_after, output[-3000:])
+    assert f"[rank0] FAILED: no progress for {timeout_s} s while training step" in output, output[-3000:]
+
+
+def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(data: dict[str, str], tmp_path: Path) -> None:
+    """checkpoint.dir on a 4 MiB filesystem: the first save (~3 MiB) fits, the second does not."""
+    run_dir = tmp_path / "full"
+    checkpoints, kept = run_dir / "checkpoints", tmp_path / "kept"
+    checkpoints.mkdir(parents=True)
+    command = deepspeed_command(2, ["--config", "tiny", *overrides(data, run_dir)])  # saves at steps 2 and 4
+    # A private mount namespace: the small filesystem exists for this job only; what it holds at
+    # the end is copied out for the checks below.
+    script = 'mount -t tmpfs -o size=4m megamm-test "$1" && shift 2 && "$@"; code=$?; cp -a "$0/." "$KEPT/"; exit $code'
+    result = run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c",
+         script.replace("$KEPT", str(kept)), str(checkpoints), str(checkpoints), "--", *command],
+        tmp_path / "full.log",
+    )
+    assert result.returncode != 0, result.stdout[-3000:]
+    failure = [line for line in result.stdout.splitlines() if "FAILED: saving checkpoint global_step4 failed" in line]
+    assert len(failure) == 1, result.stdout[-3000:]  # said once, by rank 0
+    assert "The filesystem of" in failure[0] and "is full" in failure[0]
+    assert "the previous checkpoint global_step2 is intact" in failure[0]
+    assert sorted(path.name for path in kept.glob("global_step*")) == ["global_step2"], "the partial tag stays"
+    assert (kept / "global_step2" / "megamm_complete.json").is_file() and (kept / "latest").read_text() == "global_step2"
+
+    from megamm.engine import load_model_weights
+
+    assert load_model_weights(kept / "global_step2", tp_rank=0)  # the surviving checkpoint loads

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import ROOT, overrides, tensorboard_events
+from tests.launch import ROOT, digest, overrides, tensorboard_events
 from tests.slurm_cluster import SlurmCluster, slurm_cluster
 
 __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
@@ -107,3 +107,49 @@ def test_sbatch_preempted_job_checkpoints_requeues_and_resumes(
     for name in ours:
         for mine, other in zip(ours[name], theirs[name]):
             assert torch.equal(mine, other), f"{name}: the resumed run's weights differ"
+
+
+def test_sbatch_finetune_entry_starts_from_the_pretrain_weights_on_separate_shards(
+    slurm_cluster: SlurmCluster, data: dict[str, str], reference: Path, tmp_path: Path
+) -> None:
+    """MEGAMM_ENTRY=launchers/finetune.py: weights only from the 2x2 pretrain checkpoint, at another
+    data-parallel size (1 node x 2 tasks: TP=2 x DP=1), on the user's own shards, with its own LR
+    and steps, a fresh optimizer and schedule, evaluated on held-out shards."""
+    from megamm.data import write_demo_dataset
+
+    own = tmp_path / "own_data"
+    write_demo_dataset(own, train_shards=2, samples_per_shard=32, eval_samples=40, image_size=32, seed=7)
+    before = digest(reference / "checkpoints")
+    run_dir = tmp_path / "finetune"
+    output = run_dir.with_suffix(".out")
+    lr, warmup, steps = 3e-4, 2, 4
+    args = [
+        "--from", str(reference / "checkpoints"),
+        "--data_path", str(own / "train"),
+        "--eval_path", data["data.eval_shards"],  # the pretrain run's held-out shards: step 0 must score as it did
+        f"optim.lr={lr}", f"optim.warmup_steps={warmup}", f"train_steps={steps}", "checkpoint.save_interval=2",
+        "logging.log_interval=1", f"checkpoint.dir={run_dir / 'checkpoints'}",
+        f"logging.tensorboard_dir={run_dir / 'tensorboard'}",
+    ]
+    job = slurm_cluster.sbatch(
+        ROOT / "launchers/run.sh", *args, sbatch_options=["--nodes=1", "--ntasks-per-node=2", "--time=10", f"--output={output}"],
+        cwd=ROOT, env_extra={"MEGAMM_ENTRY": "launchers/finetune.py"},
+    )
+    state = slurm_cluster.wait(job, timeout=400)
+    log = output.read_text() if output.exists() else ""
+    assert state == "COMPLETED", (state, log[-4000:], slurm_cluster.log_tails())
+    assert "launchers/finetune.py" in log and "2 ranks: tp=2 dp=1 zero=3" in log
+    assert f"weights from {reference / 'checkpoints' / f'global_step{STEPS}'}" in log
+    assert "data.train_shards: 2 shards, 64 samples" in log
+
+    tensorboard = run_dir / "tensorboard"
+    pretrained = tensorboard_events(reference / "tensorboard", "eval/text_to_image_R@1")[STEPS]
+    assert tensorboard_events(tensorboard, "eval/text_to_image_R@1")[0] == pretrained  # the same weights
+    assert tensorboard_events(tensorboard, "eval/image_to_text_R@1")[0] == tensorboard_events(
+        reference / "tensorboard", "eval/image_to_text_R@1"
+    )[STEPS]
+    assert sorted(tensorboard_events(tensorboard, "train/loss")) == list(range(1, steps + 1))  # a fresh step counter
+    lrs = tensorboard_events(tensorboard, "train/lr")
+    assert lrs[1] == pytest.approx([lr / warmup]) and lrs[2] == pytest.approx([lr])  # a fresh warmup, its own LR
+    assert (run_dir / "checkpoints" / f"global_step{steps}" / "megamm_complete.json").is_file()
+    assert digest(reference / "checkpoints") == before, "fine-tuning wrote into the source run's checkpoints"

@@ -10,16 +10,23 @@ abandoned line, to ``<dir>/abandoned/``, so that neither resume nor pruning sees
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
 import re
 import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import torch
 import torch.distributed as dist
 
+from megamm.config import ConfigError
 from megamm.fileio import atomic_output
 
 MARKER = "megamm_complete.json"
@@ -66,6 +73,53 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         handle.write(json.dumps(payload, indent=2).encode("utf-8"))
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (a full disk, say); the partial tag is gone, older ones intact."""
+
+
+class _WriteErrors:
+    """Collects the first error of DeepSpeed's checkpoint writes on this rank, instead of raising it.
+
+    DeepSpeed's save runs collectives between its file writes; a rank that raised out of it
+    would leave its peers waiting in them. Inside :meth:`collecting`, a failed write is
+    recorded, its partial file removed, and the save goes on, so every rank reaches the end
+    and the ranks can agree that the tag failed.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.error: Optional[Exception] = None
+        self.free_bytes: Optional[int] = None
+        """Free space where the failed write went, measured before its partial file was removed."""
+
+    def _guard(self, write: Any, describe: Any) -> Any:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.error is not None:
+                return None  # the tag has failed already: write nothing more
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+                self.error = error
+                target = describe(*args, **kwargs)
+                self.free_bytes = _free_bytes(Path(target).parent if target else Path("."))
+                if target:
+                    Path(target).unlink(missing_ok=True)
+                return None
+
+        return guarded
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        store = self.engine.checkpoint_engine
+        saved = store.save, self.engine._copy_recovery_script
+        store.save = self._guard(store.save, lambda state_dict=None, path=None: path)
+        self.engine._copy_recovery_script = self._guard(self.engine._copy_recovery_script, lambda *a, **k: None)
+        try:
+            yield
+        finally:
+            store.save, self.engine._copy_recovery_script = saved
+
+
 def save_checkpoint(
     engine: Any,
     directory: str | Path,
@@ -78,7 +132,12 @@ def save_checkpoint(
 
     ``marker`` (the parallel layout, the run's config) goes into the completion marker with
     the step, so that a resume with another layout or model is refused by reading one small
-    JSON file, before any process group starts or DeepSpeed loads mismatched shards.
+    JSON file, before any process group starts or DeepSpeed loads mismatched shards. The
+    directory's ``latest`` file names the newest complete tag (for DeepSpeed's tools).
+
+    Raises:
+        CheckpointSaveError: a write failed on some rank (a full disk, say). Every rank raises
+            it; the partial tag has been removed and the older checkpoints are intact.
     """
     directory = Path(directory)
     tag = tag_for_step(step)
@@ -87,13 +146,73 @@ def save_checkpoint(
         # Overwriting a tag (a run resumed from an older checkpoint): it stops being complete first.
         (path / MARKER).unlink(missing_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
-    dist.barrier()  # every rank's shards are on disk
+    writes = _WriteErrors(engine)
+    with writes.collecting():
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    # DeepSpeed's save ends in a barrier: every rank's shards are on disk, or failed.
+    if dist.get_rank() == 0 and writes.error is None:
+        try:
+            _write_json_atomic(path / MARKER, {"step": step, **marker})
+            with atomic_output(directory / "latest") as handle:
+                handle.write(tag.encode("utf-8"))
+        except OSError as failure:
+            writes.error, writes.free_bytes = failure, _free_bytes(directory)
+            (path / MARKER).unlink(missing_ok=True)
+    failures = _gather_failures(writes)
+    if failures:
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointSaveError(_save_failure_message(path, failures))
     if dist.get_rank() == 0:
-        _write_json_atomic(path / MARKER, {"step": step, **marker})
         _prune(directory, keep_last, path)
     dist.barrier()
     return path
+
+
+def _free_bytes(directory: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+# Less free space than this where a write failed means the filesystem filled up.
+_FULL_BELOW_BYTES = 16 * 2**20
+
+
+def _gather_failures(writes: _WriteErrors) -> list[tuple[str, bool]]:
+    """("rank R on HOST: <error>", filesystem full?) for every rank whose writes failed (collective)."""
+    mine = None
+    if writes.error is not None:
+        error, free = writes.error, writes.free_bytes
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < _FULL_BELOW_BYTES)
+        where = "" if free is None else f", {free / 2**20:.1f} MiB free there"
+        mine = (f"rank {dist.get_rank()} on {socket.gethostname()}: {type(error).__name__}: {text}{where}", full)
+    every: list[Optional[tuple[str, bool]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return [failure for failure in every if failure is not None]
+
+
+def _save_failure_message(path: Path, failures: list[tuple[str, bool]]) -> str:
+    previous = latest_complete(path.parent)
+    kept = (
+        f"the previous checkpoint {previous.name} is intact, and --resume auto resumes from it"
+        if previous is not None
+        else "there is no earlier complete checkpoint"
+    )
+    fix = (
+        f"The filesystem of {path.parent} is full: free space there (a checkpoint needs about as much as the "
+        "last one), or lower checkpoint.keep_last, then rerun with --resume auto"
+        if any(full for _, full in failures)
+        else f"Check that {path.parent} is writable from every node, then rerun with --resume auto"
+    )
+    texts = [text for text, _ in failures]
+    return (
+        f"saving checkpoint {path.name} failed ({'; '.join(texts[:4])}{'; ...' if len(texts) > 4 else ''}). "
+        f"Its partial files were removed and {kept}. {fix}"
+    )
 
 
 def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
@@ -167,3 +286,70 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
     return client_state or {}
+
+
+def check_shared_directory(directory: str | Path, field: str = "checkpoint.dir") -> None:
+    """Refuse a ``directory`` that is not the same directory on every rank (collective).
+
+    Rank 0 writes a probe file there; every rank must read it back. A node-local path (a
+    scratch disk, /tmp) fails: rank 0 alone would write the completion markers, and a resume
+    on other nodes would find no checkpoint. The probe is removed again.
+
+    Raises:
+        ConfigError: some ranks do not see rank 0's files; the message names their hosts.
+    """
+    if dist.get_world_size() == 1:
+        return
+    directory = Path(directory)
+    token = [f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}" if dist.get_rank() == 0 else None]
+    probe = directory / ".megamm-shared-probe"
+    if dist.get_rank() == 0:
+        with atomic_output(probe) as handle:
+            handle.write(token[0].encode("utf-8"))
+    dist.broadcast_object_list(token, src=0)
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        hosts = sorted({host for _, host in blind})
+        raise ConfigError(
+            f"{field} {directory} is not shared: ranks {', '.join(str(rank) for rank, _ in blind)} (on "
+            f"{', '.join(hosts)}) do not see the file rank 0 (on {views[0][1]}) wrote there. Every node must "
+            f"see the same {field}, on a shared filesystem (NFS, Lustre, ...): otherwise the checkpoints are "
+            "incomplete and a resume cannot find them. Choose a path on a shared filesystem"
+        )
+
+
+def load_model_weights(path: str | Path, tp_rank: int) -> dict[str, Any]:
+    """The fp32 weights of tensor-parallel rank ``tp_rank`` in checkpoint ``path``, as a state dict.
+
+    Read from the files alone, for any data-parallel size and ZeRO stage the checkpoint was
+    written with: ZeRO partitions are merged with DeepSpeed's own ``zero_to_fp32`` reader
+    (pointed at this tensor-parallel rank's files only), and a stage-0 checkpoint holds the
+    module whole. The keys are the model's ``state_dict()`` keys (buffers included for stage 0).
+    """
+    path = Path(path)
+    read_marker(path)
+    suffix = f"mp_rank_{tp_rank:02d}"
+    whole = path / f"{suffix}_model_states.pt"
+    if whole.is_file() and not list(path.glob(f"*{suffix}_optim_states.pt")):
+        return dict(torch.load(whole, map_location="cpu", weights_only=False)["module"])
+    files = sorted(path.glob(f"*{suffix}_model_states.pt")) + sorted(path.glob(f"*{suffix}_optim_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path} holds no files of tensor-parallel rank {tp_rank} ({suffix})")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="megamm-weights-") as scratch:
+        view = Path(scratch) / path.name  # this rank's files only: the reader merges all it finds
+        view.mkdir()
+        for file in files:
+            (view / file.name).symlink_to(file.resolve())
+        quiet = io.StringIO()  # the reader prints progress bars on every rank
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            return dict(get_fp32_state_dict_from_zero_checkpoint(scratch, tag=path.name))

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -85,16 +86,61 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _mpi_launched() -> bool:
+    """True under ``mpiexec``/``mpirun`` (MPICH/hydra or Open MPI) without torch's own variables."""
+    return not os.environ.get("RANK", "").strip() and any(
+        os.environ.get(name, "").strip() for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
+    )
+
+
+def _mpi_rendezvous() -> None:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE and MASTER_ADDR/PORT from MPI (mpi4py).
+
+    The local rank counts the ranks on the same host. Unless the user set them, MASTER_ADDR is
+    127.0.0.1 when every rank shares one host, else rank 0's host name, and MASTER_PORT is a port
+    free on rank 0, which it announces. (DeepSpeed's own discovery would take the first address
+    of ``hostname -I`` instead, which need not be one the other ranks can reach.)
+    """
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ConfigError(
+            "launched by MPI (PMI_RANK/OMPI_COMM_WORLD_RANK is set) but mpi4py is not installed; "
+            "pip install 'megamm[mpi]' (mpi4py and the mpich wheel) or launch with deepspeed/torchrun"
+        ) from None
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(socket.gethostname())
+    addr = os.environ.get("MASTER_ADDR", "").strip()
+    if not addr:
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
+    port = os.environ.get("MASTER_PORT", "").strip()
+    if not port:
+        port = comm.bcast(str(free_port("127.0.0.1" if addr.startswith("127.") else "")) if rank == 0 else None)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(hosts[:rank].count(hosts[rank])),
+        LOCAL_SIZE=str(hosts.count(hosts[rank])),
+        MASTER_ADDR=addr,
+        MASTER_PORT=port,
+    )
+
+
 def prepare_rendezvous(info: LaunchInfo) -> None:
-    """Fill in a launcher-less run's rendezvous and check rank 0's port before any group starts.
+    """Fill in a launcher-less or MPI-launched run's rendezvous and check rank 0's port before
+    any group starts.
 
     A launcher-less run uses 127.0.0.1 and ``MASTER_PORT`` if the user set it, else a free
-    port. Rank 0 hosts the rendezvous store, so it checks that ``MASTER_PORT`` is free on
+    port. Under ``mpiexec`` the ranks and rendezvous come from MPI (:func:`_mpi_rendezvous`).
+    Rank 0 hosts the rendezvous store, so it checks that ``MASTER_PORT`` is free on
     ``MASTER_ADDR`` (skipped under torchrun, whose agent already holds that port).
 
     Raises:
         ConfigError: the port is taken; the message names it and how to choose another.
     """
+    if _mpi_launched():
+        _mpi_rendezvous()
     if not info.launched:
         defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         for name, value in defaults.items():
@@ -105,7 +151,7 @@ def prepare_rendezvous(info: LaunchInfo) -> None:
         return
     host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     if not host or not port.isdigit():
-        return  # MPI discovery fills these in inside deepspeed.init_distributed
+        return  # the launcher's own problem; init_distributed reports it
     if _port_in_use(host, int(port)):
         fix = (
             "pass another --master_port to the deepspeed launcher (or torchrun)"
@@ -142,19 +188,23 @@ def check_precision(precision: str) -> None:
         )
 
 
-def init_distributed(info: LaunchInfo | None = None) -> None:
-    """Join the job started by a launcher (deepspeed, torchrun; MPI through DeepSpeed's discovery).
+def init_distributed(info: LaunchInfo | None = None, timeout_s: float = 1800.0) -> None:
+    """Join the job started by a launcher (deepspeed, torchrun, mpiexec).
 
     A plain ``python launchers/pretrain.py`` without launcher variables runs as a world of one
     on 127.0.0.1 (see :func:`prepare_rendezvous`). Given ``info``, the caller has already run
-    :func:`prepare_rendezvous` with it (as preflight does); without, it runs here.
+    :func:`prepare_rendezvous` with it (as preflight does); without, it runs here. A collective
+    that waits longer than ``timeout_s`` for a rank fails (see :func:`is_collective_timeout`).
     """
     if info is None:
         info = launch_info()
         prepare_rendezvous(info)
     select_device(info)
     _warn_of_stale_op_build_lock()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        timeout=timedelta(seconds=timeout_s),
+    )
     _unlink_shm_buffer(info)
 
 
@@ -207,6 +257,14 @@ def is_peer_failure(error: BaseException) -> bool:
     markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
     return type(error).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError") and any(
         marker in text for marker in markers
+    )
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """True if ``error`` is a collective that gave up waiting for a rank (a hung or stopped peer)."""
+    text = str(error).lower()
+    return type(error).__name__ in ("DistBackendError", "DistError", "RuntimeError") and (
+        "timed out" in text or "timeout" in text
     )
 
 

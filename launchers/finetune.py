@@ -23,6 +23,7 @@ checkpointed.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from megamm.cli import entry_parser, run_entry
 from megamm.config import ConfigError, config_from_dict
@@ -31,8 +32,11 @@ from megamm.preflight import resolve_init_source
 from megamm.train import run_pretraining
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = entry_parser(__doc__)
+    parser = entry_parser(__doc__, ROOT)
     parser.add_argument(
         "--from", dest="source", required=True, help="checkpoint to start from: a checkpoint.dir or a global_step<N>"
     )

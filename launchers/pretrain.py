@@ -19,14 +19,18 @@ waiting print one line each and stop.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from megamm.cli import entry_parser, run_entry
 from megamm.config import load_config
 from megamm.train import run_pretraining
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = entry_parser(__doc__)
+    parser = entry_parser(__doc__, ROOT)
     parser.add_argument("--config", default="tiny", help="recipe name (megamm/configs/NAME.yaml) or YAML path")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # options may follow overrides
 

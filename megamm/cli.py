@@ -12,16 +12,23 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from megamm.config import ConfigError
 from megamm.engine import CheckpointSaveError, Preempted, is_collective_timeout, is_peer_failure, launch_info
 
 
-def entry_parser(description: str) -> argparse.ArgumentParser:
-    """The options every entry point takes; positional ``key.sub=value`` overrides the recipe."""
+def entry_parser(description: str, root: Path) -> argparse.ArgumentParser:
+    """The options every entry point takes; positional ``key.sub=value`` overrides the recipe.
+
+    ``root``: the repository the entry point lives in; the default DeepSpeed template is its
+    ``ds_configs/zero3.json``, wherever the job is launched from.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ds-config", default="ds_configs/zero3.json", help="DeepSpeed JSON template")
+    parser.add_argument(
+        "--ds-config", default=str(root / "ds_configs/zero3.json"), help="DeepSpeed JSON template (default: %(default)s)"
+    )
     parser.add_argument(
         "--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a checkpoint path"
     )

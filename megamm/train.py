@@ -35,6 +35,7 @@ from megamm.engine import (
     launch_info,
     load_checkpoint,
     load_model_weights,
+    loss_scale,
     save_checkpoint,
     set_aside_abandoned,
     synchronize,
@@ -83,6 +84,14 @@ def _dp_sum(values: list[float], parallel: ParallelState) -> list[float]:
     if parallel.dp_size > 1:
         dist.all_reduce(tensor, group=parallel.dp_group)
     return tensor.tolist()
+
+
+def _dp_max(value: int, parallel: ParallelState) -> int:
+    """The largest ``value`` over the data-parallel group."""
+    tensor = torch.tensor([value], dtype=torch.int64)
+    if parallel.dp_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=parallel.dp_group)
+    return int(tensor.item())
 
 
 def _dp_gather(value: Any, parallel: ParallelState) -> list[Any]:
@@ -196,6 +205,8 @@ class Trainer:
         self.image_tokens = image_tokens(config.model.image)
         self.tokens_here = 0
         """Image and (unpadded) text tokens this rank has trained on since the last log line."""
+        self.epoch_here = 0
+        """The pass over its shards that this rank's latest batch came from."""
         self.timer = StepTimer(synchronize if self.device.type != "cpu" else None)
 
     def train_step(self) -> float:
@@ -208,6 +219,7 @@ class Trainer:
             with self.timer.phase("data_wait"):
                 batch = next(self.batches)
             self.position.advance(batch)
+            self.epoch_here = int(batch.get("epoch", 0))
             self.skipped_here += int(batch.get("skipped", 0))
             self.tokens_here += int(batch["text_mask"].sum()) + self.image_tokens * len(batch["keys"])
             with self.timer.phase("forward"):
@@ -255,6 +267,7 @@ class Trainer:
         loss_sum, skipped, tokens = _dp_sum(
             [local_loss, float(self.skipped_here), float(self.tokens_here)], self.parallel
         )
+        epoch = _dp_max(self.epoch_here, self.parallel)
         self.tokens_here = 0
         loss = loss_sum / self.parallel.dp_size
         lr = self.engine.get_lr()[0]
@@ -267,10 +280,14 @@ class Trainer:
             "train/tokens_per_second": tokens / throughput.elapsed if throughput.elapsed > 0 else 0.0,
             "train/tflops": tflops,
             "train/samples_skipped": self.state.samples_skipped + skipped,
+            "data/epoch": float(epoch),
             "memory/host_max_rss_gb": host_max_rss_gb(),
         }
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
+        scale = loss_scale(self.engine)
+        if scale is not None:  # fp16's dynamic loss scale
+            scalars["train/loss_scale"] = scale
         peak = self.config.logging.peak_tflops
         if peak > 0:
             scalars["train/mfu"] = tflops / (peak * self.parallel.world_size)

@@ -165,6 +165,7 @@ def test_dp_ranks_partition_one_epoch(demo: Path, tokenizer: Tokenizer, num_work
         assert len(first) == len(set(first)), "a sample repeated within one epoch"
         assert set(first) == set(tar_keys(owned)), "rank read shards it does not own"
         assert set(second) == set(first) and second != first, "next epoch not a reshuffle of the same samples"
+        assert [b["epoch"] for b in batches] == [0] * batches_per_epoch + [1] * batches_per_epoch
         seen.append(set(first))
         batch = batches[0]
         assert batch["image"].shape == (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)

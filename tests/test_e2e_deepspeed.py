@@ -63,6 +63,7 @@ def _check_monitoring(tensorboard: Path, log: str) -> None:
     values = {tag: _scalars(tensorboard, tag) for tag in (
         "train/grad_norm", "train/tokens_per_second", "train/samples_per_second", "train/tflops", "train/mfu",
         "memory/host_max_rss_gb", "time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
+        "data/epoch",
     )}
     for tag, by_step in values.items():
         assert sorted(by_step) == list(range(1, STEPS + 1)), tag
@@ -74,9 +75,11 @@ def _check_monitoring(tensorboard: Path, log: str) -> None:
         assert 65 + 3 <= ratio <= 65 + 24, ratio
         assert all(values[f"time/{phase}_ms"][step] >= 0 for phase in ("data_wait", "forward", "backward", "optimizer"))
         assert values["time/forward_ms"][step] > 0 and 0.1 < values["memory/host_max_rss_gb"][step] < 50
+        assert values["data/epoch"][step] == (step - 1) * 8 // 192  # 8 samples a step from 2 shards of 96 per rank
     accumulator = EventAccumulator(str(tensorboard))
     accumulator.Reload()
     assert "config/text_summary" in accumulator.Tags()["tensors"]
+    assert "train/loss_scale" not in accumulator.Tags()["scalars"], "a loss scale outside fp16"
     assert re.search(r"step 20/20 .* TFLOP/s  eta 0s", log)
 
 

@@ -66,6 +66,8 @@ class Batch(TypedDict):
     """The training stream that made this batch (-1 for evaluation batches)."""
     position: int
     """Candidates that stream had consumed, this batch included (its data position)."""
+    epoch: int
+    """The stream's pass over its shards (0 first) when it made this batch."""
 
 
 @dataclass
@@ -202,8 +204,9 @@ class _BatchBuilder:
         self._keys.append(candidate.key)
         return True
 
-    def emit(self, stream: int = -1, position: int = 0) -> Batch:
-        """The batch of everything added since the last emit, made by ``stream`` at ``position``."""
+    def emit(self, stream: int = -1, position: int = 0, epoch: int = 0) -> Batch:
+        """The batch of everything added since the last emit, made by ``stream`` at ``position``
+        in its pass ``epoch``."""
         encoded = [self.tokenizer.encode(c, self.max_length) for c in self._captions]
         batch: Batch = {
             "image": images_to_tensor(np.stack(self._images)),  # (B, 3, H, W)
@@ -213,6 +216,7 @@ class _BatchBuilder:
             "skipped": self.log.take(),
             "stream": stream,
             "position": position,
+            "epoch": epoch,
         }
         self._images, self._captions, self._keys = [], [], []
         return batch
@@ -287,7 +291,7 @@ def _train_batches(
         elif epoch - last_good_epoch > 1:
             raise RuntimeError(f"{builder.log.where}: no image decoded for a whole epoch; check the shards")
         if len(builder) == batch_size:
-            yield builder.emit(stream, consumed)
+            yield builder.emit(stream, consumed, epoch)
 
 
 class _TrainStreams(IterableDataset):

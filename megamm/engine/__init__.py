@@ -1,6 +1,6 @@
 """The only package that imports DeepSpeed: engine construction, configs, checkpoints."""
 
-from megamm.engine.builder import build_engine, clamp_parameters, warmup_cosine
+from megamm.engine.builder import build_engine, clamp_parameters, loss_scale, warmup_cosine
 from megamm.engine.checkpoint import (
     ABANDONED,
     MARKER,
@@ -63,6 +63,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_template",
+    "loss_scale",
     "prepare_rendezvous",
     "read_marker",
     "save_checkpoint",

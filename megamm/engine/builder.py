@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import deepspeed
 import torch
@@ -91,3 +91,11 @@ def clamp_parameters(engine: deepspeed.DeepSpeedEngine) -> None:
             if master is not None:
                 safe_set_full_fp32_param(param, master.clamp(low, high))
             param.clamp_(low, high)  # the module's copy (without ZeRO, the only one)
+
+
+def loss_scale(engine: Any) -> Optional[float]:
+    """The dynamic loss scale of an fp16 engine (None in fp32 and bf16, which need none)."""
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "loss_scale", None)
+    return None if scale is None else float(scale)

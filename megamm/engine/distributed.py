@@ -110,6 +110,14 @@ def _mpi_rendezvous() -> None:
         ) from None
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    announced = _first_int(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"), size)
+    if size != announced:  # e.g. Open MPI's mpirun with an mpi4py built against MPICH
+        raise ConfigError(
+            f"the MPI launcher started {announced} ranks but mpi4py's MPI sees a world of {size}: mpi4py is "
+            f"built against another MPI ({MPI.Get_library_version().splitlines()[0].strip()}) than the "
+            "launcher's. Launch with that MPI's mpiexec (the mpich wheel's: python -m pip show mpich), or "
+            "install mpi4py for the launcher's MPI"
+        )
     hosts = comm.allgather(socket.gethostname())
     addr = os.environ.get("MASTER_ADDR", "").strip()
     if not addr:

@@ -122,7 +122,7 @@ def test_sbatch_finetune_entry_starts_from_the_pretrain_weights_on_separate_shar
     before = digest(reference / "checkpoints")
     run_dir = tmp_path / "finetune"
     output = run_dir.with_suffix(".out")
-    lr, warmup, steps = 3e-4, 2, 4
+    lr, warmup, steps = 3e-4, 4, 4
     args = [
         "--from", str(reference / "checkpoints"),
         "--data_path", str(own / "train"),
@@ -150,6 +150,7 @@ def test_sbatch_finetune_entry_starts_from_the_pretrain_weights_on_separate_shar
     )[STEPS]
     assert sorted(tensorboard_events(tensorboard, "train/loss")) == list(range(1, steps + 1))  # a fresh step counter
     lrs = tensorboard_events(tensorboard, "train/lr")
-    assert lrs[1] == pytest.approx([lr / warmup]) and lrs[2] == pytest.approx([lr])  # a fresh warmup, its own LR
+    # A fresh warmup to its own LR (logged after each step: the next step's LR, (step + 1) / warmup of it).
+    assert lrs[1] == pytest.approx([lr * 2 / warmup]) and lrs[3] == pytest.approx([lr])
     assert (run_dir / "checkpoints" / f"global_step{steps}" / "megamm_complete.json").is_file()
     assert digest(reference / "checkpoints") == before, "fine-tuning wrote into the source run's checkpoints"

@@ -310,3 +310,43 @@ def test_a_failing_rank_is_named_first_and_the_job_fails(data: dict[str, str], t
         line for line in lines if "stopped: another rank failed" not in line
     ), result.stdout[-3000:]
     assert len(lines) < 120, f"{len(lines)} lines of output"
+
+
+FINETUNE = str(ROOT / "launchers/finetune.py")
+
+
+def _finetune(args: list[str]) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    return subprocess.run(
+        [sys.executable, FINETUNE, *args], cwd=ROOT, env={**base, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "case, args, fragments",
+    [
+        ("same-dirs", [], ["checkpoint.dir=", "is the source run's; give the fine-tuning run its own",
+                           "logging.tensorboard_dir="]),
+        ("other-model", ["model.embed_dim=32", "OWN_DIRS"], ["the model differs (model.embed_dim 64 -> 32)"]),
+        ("shards-twice", ["--data_path", "x.tar", "data.train_shards=y.tar", "OWN_DIRS"],
+         ["--data_path and data.train_shards= both name the shards"]),
+        ("torn-source", ["TORN", "OWN_DIRS"], ["not a complete megamm checkpoint (its save did not finish"]),
+        ("no-source", ["--from", "/nonexistent/run", "OWN_DIRS"], ["not a complete megamm checkpoint (no such directory)"]),
+    ],
+)
+def test_finetune_refuses_what_the_weights_cannot_serve(
+    finished_run: Path, tmp_path: Path, case: str, args: list[str], fragments: list[str]
+) -> None:
+    source = finished_run / "checkpoints"
+    torn = tmp_path / "torn" / "global_step4"
+    shutil.copytree(source / "global_step4", torn)
+    (torn / "megamm_complete.json").unlink()
+    own = [f"checkpoint.dir={tmp_path / 'ft' / 'checkpoints'}", f"logging.tensorboard_dir={tmp_path / 'ft' / 'tb'}"]
+    placeholders = {"OWN_DIRS": own, "TORN": ["--from", str(torn)]}
+    expanded = [] if {"--from", "TORN"} & set(args) else ["--from", str(source)]
+    for arg in args:
+        expanded += placeholders.get(arg, [arg])
+    before = digest(finished_run, tmp_path / "ft")
+    _assert_refused(_finetune(expanded), *fragments)
+    assert digest(finished_run, tmp_path / "ft") == before

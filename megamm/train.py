@@ -507,8 +507,9 @@ def _train(
             config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size
         )
 
-    watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("starting the data loader")
-    trainer = Trainer(engine, config, parallel, iter(loader), eval_batches, writer, state, marker, lock, stop, watchdog)
+    batches = iter(loader)  # forks the loader workers, before the watchdog's threads exist
+    watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("waiting for the first batch")
+    trainer = Trainer(engine, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog)
     try:
         if plan.init_from is not None:
             trainer.evaluate()  # the starting weights, at step 0

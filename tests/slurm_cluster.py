@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import json
 import os
 import random
 import re
@@ -35,7 +36,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import pytest
 
@@ -53,10 +54,11 @@ START_TIMEOUT = 20.0
 # forwards SIGTERM/SIGINT to it, reaps orphans (finished slurmstepd), and exits when slurmd does (the
 # kernel then kills whatever is left in the namespace).
 _NODE_INIT = r"""
-import os, signal, socket, subprocess, sys
-hosts, name, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
-subprocess.run(["mount", "--bind", hosts, "/etc/hosts"], check=True)
-socket.sethostname(name)
+import json, os, signal, socket, subprocess, sys
+spec, cmd = json.loads(sys.argv[1]), sys.argv[2:]
+for source, target in [(spec["hosts"], "/etc/hosts"), *spec["binds"]]:
+    subprocess.run(["mount", "--bind", source, target], check=True)
+socket.sethostname(spec["name"])
 pid = os.fork()
 if pid == 0:
     os.execvp(cmd[0], cmd)
@@ -77,6 +79,67 @@ while True:
 """
 
 
+def node_argv(
+    init: Path, hosts: Path, name: str, command: Sequence[str], binds: Sequence[tuple[Path, Path]] = ()
+) -> list[str]:
+    """``command`` as the one child of a new node: its own UTS, mount and PID namespace, host name
+    ``name``, ``hosts`` bind-mounted over /etc/hosts and each ``(source, target)`` of ``binds``
+    bind-mounted too. ``init`` is where :data:`_NODE_INIT` was written (see :func:`write_node_init`)."""
+    spec = {"hosts": str(hosts), "name": name, "binds": [[str(source), str(target)] for source, target in binds]}
+    return [
+        _find("unshare") or "unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
+        sys.executable, "-I", str(init), json.dumps(spec), *command,
+    ]
+
+
+def write_node_init(path: Path) -> Path:
+    """Write the node namespaces' PID 1 program to ``path``."""
+    path.write_text(_NODE_INIT)
+    return path
+
+
+def write_private_hosts(path: Path, owner: str, addresses: Mapping[str, str]) -> None:
+    """A hosts file for the nodes' namespaces: ``addresses`` (name -> address), then the real /etc/hosts.
+
+    Our names come first: the first match wins, and the real file may map this host's name to 127.0.1.1.
+    """
+    lines = [f"# private hosts file of {owner}", *(f"{address} {name}" for name, address in addresses.items())]
+    try:
+        real = Path("/etc/hosts").read_text()
+    except OSError:
+        real = "127.0.0.1 localhost\n"
+    path.write_text("\n".join(lines) + "\n" + real)
+
+
+def _node_init_pid(proc: subprocess.Popen) -> Optional[int]:
+    """The host PID of a node's namespace init (the child of ``unshare --fork``; through setpriv's exec)."""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def terminate(procs: Iterable[subprocess.Popen], grace: float, nodes: bool) -> None:
+    """SIGTERM ``procs``, SIGKILL what is left after ``grace`` s. ``nodes``: they are :func:`node_argv`
+    processes, signalled through their namespace's init (unshare ignores SIGTERM); when the init
+    dies, the kernel kills the rest of its namespace."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            _kill((_node_init_pid(proc) if nodes else None) or proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            init = _node_init_pid(proc) if nodes else None
+            if init:
+                _kill(init, signal.SIGKILL)
+            _kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 class SlurmError(RuntimeError):
     pass
 
@@ -92,37 +155,41 @@ def _find(program: str) -> Optional[str]:
     return None
 
 
-def _missing_programs() -> list[str]:
-    return [p for p in PROGRAMS if _find(p) is None]
+def install_missing(
+    what: str, programs: Sequence[str], packages: Sequence[str], error: type[Exception], apt_options: Sequence[str] = ()
+) -> None:
+    """Install ``packages`` with apt-get when any of ``programs`` is missing (root only); raise
+    ``error``, naming ``what`` needs them, if that is impossible or fails."""
 
+    def missing() -> list[str]:
+        return [program for program in programs if _find(program) is None]
 
-def ensure_slurm_installed() -> None:
-    """Install slurmctld, slurmd, the SLURM clients and munge with apt-get when any is missing (root only)."""
-    if not _missing_programs():
+    if not missing():
         return
+    install = ["apt-get", "install", "-y", *apt_options, *packages]
     if os.geteuid() != 0:
-        raise SlurmError(
-            f"SLURM test cluster: programs {_missing_programs()} are missing and installing them needs root: "
-            f"run `apt-get install -y --no-install-recommends {' '.join(PACKAGES)}`"
-        )
+        raise error(f"{what}: programs {missing()} are missing and installing them needs root: run `{' '.join(install)}`")
     if not shutil.which("apt-get"):
-        raise SlurmError(f"SLURM test cluster: programs {_missing_programs()} are missing and there is no apt-get")
+        raise error(f"{what}: programs {missing()} are missing and there is no apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    with open(os.path.join(tempfile.gettempdir(), "megamm-slurm-install.lock"), "w") as lock:
+    with open(os.path.join(tempfile.gettempdir(), "megamm-apt-install.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several pytest processes at once: one apt-get at a time
-        if not _missing_programs():
+        if not missing():
             return
         result = subprocess.run(install, env=env, capture_output=True, text=True)
         if result.returncode != 0:  # stale package lists: refresh them once and retry
             subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
             result = subprocess.run(install, env=env, capture_output=True, text=True)
-    missing = _missing_programs()
-    if result.returncode != 0 or missing:
-        raise SlurmError(
-            f"SLURM test cluster: `{' '.join(install)}` failed (rc={result.returncode}, still missing {missing}):\n"
+    if result.returncode != 0 or missing():
+        raise error(
+            f"{what}: `{' '.join(install)}` failed (rc={result.returncode}, still missing {missing()}):\n"
             f"{(result.stdout + result.stderr)[-3000:]}"
         )
+
+
+def ensure_slurm_installed() -> None:
+    """Install slurmctld, slurmd, the SLURM clients and munge with apt-get when any is missing (root only)."""
+    install_missing("SLURM test cluster", PROGRAMS, PACKAGES, SlurmError, ["--no-install-recommends"])
 
 
 def _port_is_free(port: int) -> bool:
@@ -252,14 +319,8 @@ class SlurmCluster:
         return self.run_dir / "munge" / "munge.socket"
 
     def _write_hosts(self) -> None:
-        # Our names first: the first match wins, and the real file may map the host name to 127.0.1.1.
-        lines = ["# private hosts file of the SLURM test cluster", f"{self.controller_address} {self.controller}"]
-        lines += [f"{addr} {node}" for node, addr in self.addresses.items()]
-        try:
-            real = Path("/etc/hosts").read_text()
-        except OSError:
-            real = "127.0.0.1 localhost\n"
-        self.hosts_path.write_text("\n".join(lines) + "\n" + real)
+        entries = {self.controller: self.controller_address, **self.addresses}
+        write_private_hosts(self.hosts_path, "the SLURM test cluster", entries)
 
     def slurm_conf(self) -> str:
         run, root = self.run_dir, self.root
@@ -374,11 +435,8 @@ class SlurmCluster:
     def _start_slurmd(self, node: str) -> None:
         init = self.root / "etc" / "node_init.py"
         if not init.exists():
-            init.write_text(_NODE_INIT)
-        argv = [
-            _find("unshare") or "unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
-            sys.executable, "-I", str(init), str(self.hosts_path), node, _find("slurmd") or "slurmd", "-D", "-N", node,
-        ]
+            write_node_init(init)
+        argv = node_argv(init, self.hosts_path, node, [_find("slurmd") or "slurmd", "-D", "-N", node])
         self._spawn(f"slurmd-{node}", argv)
 
     def _node_states(self) -> dict[str, str]:
@@ -441,14 +499,6 @@ class SlurmCluster:
                 self._fail(f"nodes not idle: {states}", logs)
             time.sleep(0.1)
 
-    def _node_init_pid(self, proc: subprocess.Popen) -> Optional[int]:
-        """The host PID of the node's namespace init (the child of ``unshare --fork``; through setpriv's exec)."""
-        try:
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        except OSError:
-            return None
-        return int(children[0]) if children else None
-
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every daemon started here (nodes, then slurmctld, then munged), SIGKILL after ``grace`` s.
         A node's PID namespace dies with its slurmd, taking its job steps and tasks along."""
@@ -469,20 +519,7 @@ class SlurmCluster:
 
     def _terminate(self, names: Sequence[str], grace: float) -> None:
         procs = {name: self._procs.pop(name) for name in names if name in self._procs}
-        for name, proc in procs.items():
-            if proc.poll() is None:
-                init = self._node_init_pid(proc) if name.startswith("slurmd-") else None
-                _kill(init or proc.pid, signal.SIGTERM)  # unshare ignores SIGTERM: signal its child, the init
-        deadline = time.monotonic() + grace
-        for name, proc in procs.items():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                init = self._node_init_pid(proc) if name.startswith("slurmd-") else None
-                if init:
-                    _kill(init, signal.SIGKILL)  # PID 1 of the namespace: the kernel kills the rest of it
-                _kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        terminate(procs.values(), grace, nodes=all(name.startswith("slurmd-") for name in procs))
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()

@@ -26,14 +26,10 @@ Usage::
 from __future__ import annotations
 
 import atexit
-import fcntl
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -41,7 +37,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import pytest
 
-from tests.slurm_cluster import _find, _free_ports, _kill, _tail
+from tests.slurm_cluster import _find, _free_ports, _tail, install_missing, node_argv, terminate, write_node_init, write_private_hosts
 
 __all__ = ["ssh_cluster", "SshCluster", "SshClusterError"]
 
@@ -52,70 +48,14 @@ START_TIMEOUT = 20.0
 OUTER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 OUTER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "PMI_", "OMPI_", "HYDRA_")
 
-# PID 1 of a node's PID namespace: bind-mounts the private hosts file and the node-local dirs, sets the
-# host name, runs sshd, forwards SIGTERM/SIGINT to it, reaps orphans, and exits when sshd does (the kernel
-# then kills whatever is left in the namespace: every process started over ssh on this node).
-_NODE_INIT = r"""
-import json, os, signal, socket, subprocess, sys
-spec, cmd = json.loads(sys.argv[1]), sys.argv[2:]
-for source, target in [(spec["hosts"], "/etc/hosts"), *spec["binds"]]:
-    subprocess.run(["mount", "--bind", source, target], check=True)
-socket.sethostname(spec["name"])
-pid = os.fork()
-if pid == 0:
-    os.execvp(cmd[0], cmd)
-def forward(sig, frame):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-signal.signal(signal.SIGTERM, forward)
-signal.signal(signal.SIGINT, forward)
-while True:
-    try:
-        done, status = os.wait()
-    except ChildProcessError:
-        sys.exit(1)
-    if done == pid:
-        sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
-"""
-
 
 class SshClusterError(RuntimeError):
     pass
 
 
-def _missing_programs() -> list[str]:
-    return [p for p in PROGRAMS if _find(p) is None]
-
-
 def ensure_ssh_installed() -> None:
     """Install pdsh, sshd and the ssh client with apt-get when any is missing (root only); raise if impossible."""
-    if not _missing_programs():
-        return
-    if os.geteuid() != 0:
-        raise SshClusterError(
-            f"ssh test cluster: programs {_missing_programs()} are missing and installing them needs root: "
-            f"run `apt-get install -y {' '.join(PACKAGES)}`"
-        )
-    if not shutil.which("apt-get"):
-        raise SshClusterError(f"ssh test cluster: programs {_missing_programs()} are missing and there is no apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-o", "DPkg::Lock::Timeout=300", *PACKAGES]
-    with open(os.path.join(tempfile.gettempdir(), "megamm-ssh-install.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several pytest processes at once: one apt-get at a time
-        if not _missing_programs():
-            return
-        result = subprocess.run(install, env=env, capture_output=True, text=True)
-        if result.returncode != 0:  # stale package lists: refresh them once and retry
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
-            result = subprocess.run(install, env=env, capture_output=True, text=True)
-    missing = _missing_programs()
-    if result.returncode != 0 or missing:
-        raise SshClusterError(
-            f"ssh test cluster: `{' '.join(install)}` failed (rc={result.returncode}, still missing {missing}):\n"
-            f"{(result.stdout + result.stderr)[-3000:]}"
-        )
+    install_missing("ssh test cluster", PROGRAMS, PACKAGES, SshClusterError, ["-o", "DPkg::Lock::Timeout=300"])
 
 
 class SshCluster:
@@ -184,14 +124,7 @@ class SshCluster:
         self._write_client_files()
 
     def _write_hosts(self) -> None:
-        # Our names first: the first match wins, and the real file may map this host's name to 127.0.1.1.
-        lines = ["# private hosts file of the ssh test cluster"]
-        lines += [f"{addr} {node}" for node, addr in self.addresses.items()]
-        try:
-            real = Path("/etc/hosts").read_text()
-        except OSError:
-            real = "127.0.0.1 localhost\n"
-        self.hosts_path.write_text("\n".join(lines) + "\n" + real)
+        write_private_hosts(self.hosts_path, "the ssh test cluster", self.addresses)
 
     def _write_client_files(self) -> None:
         blocks = []
@@ -234,19 +167,10 @@ class SshCluster:
     def _start_sshd(self, node: str) -> None:
         config = self.root / f"sshd_config.{node}"
         config.write_text(self.sshd_config(node))
-        init = self.root / "node_init.py"
-        init.write_text(_NODE_INIT)
-        spec = {
-            "hosts": str(self.hosts_path),
-            "name": node,
-            "binds": [[str(self.private_dir(node, path)), str(path)] for path in self.node_local],
-        }
+        init = write_node_init(self.root / "node_init.py")
         sshd = _find("sshd") or "/usr/sbin/sshd"  # sshd re-executes itself: it needs an absolute path
-        argv = [
-            _find("unshare") or "unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc",
-            "--kill-child=SIGKILL",
-            sys.executable, "-I", str(init), json.dumps(spec), sshd, "-D", "-e", "-f", str(config),
-        ]
+        binds = [(self.private_dir(node, path), path) for path in self.node_local]
+        argv = node_argv(init, self.hosts_path, node, [sshd, "-D", "-e", "-f", str(config)], binds)
         out = open(self.log_dir / f"sshd-{node}.log", "ab")
         self._outs.append(out)
         setpriv = _find("setpriv")
@@ -319,29 +243,9 @@ class SshCluster:
             out.close()
         self._outs.clear()
 
-    def _node_init_pid(self, proc: subprocess.Popen) -> Optional[int]:
-        """The host PID of the node's namespace init (the child of ``unshare --fork``; through setpriv's exec)."""
-        try:
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        except OSError:
-            return None
-        return int(children[0]) if children else None
-
     def _terminate(self, grace: float) -> None:
         procs, self._procs = self._procs, {}
-        for proc in procs.values():
-            if proc.poll() is None:
-                _kill(self._node_init_pid(proc) or proc.pid, signal.SIGTERM)  # unshare ignores SIGTERM
-        deadline = time.monotonic() + grace
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                init = self._node_init_pid(proc)
-                if init:
-                    _kill(init, signal.SIGKILL)  # PID 1 of the namespace: the kernel kills the rest of it
-                _kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        terminate(procs.values(), grace, nodes=True)
 
     def __enter__(self) -> "SshCluster":
         return self.start()

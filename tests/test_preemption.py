@@ -38,6 +38,23 @@ def _wait_for_group_exit(group: int, timeout: float) -> None:
     raise AssertionError(f"processes of group {group} still run {timeout:.0f} s after the signal")
 
 
+def _start(args: list[str], log_path: Path) -> subprocess.Popen:
+    """A 2-rank `deepspeed` launcher job in a session (process group) of its own, logging to ``log_path``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            deepspeed_command(2, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for_log(runner: subprocess.Popen, log_path: Path, pattern: str, timeout: float = 240) -> None:
+    """Wait until the job's log matches ``pattern`` (fail if the job ends first)."""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log_path.read_text()):
+        assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -56,17 +73,9 @@ def test_preempted_launcher_run_checkpoints_in_the_grace_window_and_resumes_exac
 
     run_dir = tmp_path / "preempted"
     log_path = tmp_path / "preempted.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        runner = subprocess.Popen(
-            deepspeed_command(2, _args(data, run_dir)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    runner = _start(_args(data, run_dir), log_path)
     try:
-        deadline = time.monotonic() + 240
-        while not re.search(r"step [4-9]/16", log_path.read_text()):
-            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
+        _wait_for_log(runner, log_path, r"step [4-9]/16")
         signalled = time.monotonic()
         # The job's process group, as SLURM, systemd or a terminal signal a job: on one node the
         # `deepspeed` runner itself forwards nothing, its `launch` child forwards to the ranks.
@@ -118,22 +127,21 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rfind(")") + 2 :].split()[1])
 
 
+def _rank_pid(run_dir: Path, local_rank: int) -> int:
+    """The PID of the job's rank ``local_rank`` (not of its loader workers), found by its command line."""
+    rank = [pid for pid in _pids(str(run_dir)) if f"--local_rank={local_rank}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    (process,) = [pid for pid in rank if _parent(pid) not in rank]
+    return process
+
+
 def test_a_rank_killed_with_9_ends_the_job_nonzero_and_the_rerun_resumes(data: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     log_path = tmp_path / "killed.log"
     args = ["--config", "tiny", *overrides(data, run_dir, train_steps="100000", checkpoint__save_interval="2")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        runner = subprocess.Popen(
-            deepspeed_command(2, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    runner = _start(args, log_path)
     try:
-        deadline = time.monotonic() + 240
-        while "global_step4" not in log_path.read_text():
-            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
-        rank1 = [pid for pid in _pids(str(run_dir)) if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        (victim,) = [pid for pid in rank1 if _parent(pid) not in rank1]  # the rank, not its loader worker
+        _wait_for_log(runner, log_path, "global_step4")
+        victim = _rank_pid(run_dir, 1)
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         code = runner.wait(timeout=120)
@@ -171,18 +179,10 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(data: dict[st
     log_path = tmp_path / "hung.log"
     timeout_s = 10
     args = ["--config", "tiny", *overrides(data, run_dir, train_steps="100000", parallel__collective_timeout_s=str(timeout_s))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        runner = subprocess.Popen(
-            deepspeed_command(2, args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    runner = _start(args, log_path)
     try:
-        deadline = time.monotonic() + 240
-        while not re.search(r"step \d+/100000", log_path.read_text()):
-            assert runner.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
-        rank1 = [pid for pid in _pids(str(run_dir)) if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        (victim,) = [pid for pid in rank1 if _parent(pid) not in rank1]
+        _wait_for_log(runner, log_path, r"step \d+/100000")
+        victim = _rank_pid(run_dir, 1)
         stopped = time.monotonic()
         os.kill(victim, signal.SIGSTOP)
         code = runner.wait(timeout=timeout_s + 90)

@@ -25,7 +25,7 @@ def test_bench_checkpoint_reports_what_it_wrote(tmp_path: Path) -> None:
     out, workdir = tmp_path / "out", tmp_path / "work"
     command = [
         sys.executable, str(ROOT / "tools/bench_checkpoint.py"), "--params", "2M", "--repeats", "1",
-        "--save-every", "2", "--keep", "--workdir", str(workdir), "--out", str(out),
+        "--save-every", "2", "--keep", "--diagnose", "--workdir", str(workdir), "--out", str(out),
     ]  # fmt: skip
     result = run(command, tmp_path / "bench.log", timeout=120)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -75,6 +75,11 @@ def test_bench_checkpoint_reports_what_it_wrote(tmp_path: Path) -> None:
     assert stall["saving_step_s"]["mean"] == pytest.approx(record["step_seconds"][-1] + seconds["save"])
     assert stall["normal_step_s"]["mean"] == pytest.approx(record["step_seconds"][0])
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for rank in payload["result"]["ranks"]:
+        assert set(rank["diagnose"]) == {
+            "to /dev/null, CRC32", "to /dev/null, no CRC32", "to a file, CRC32 (as the save)", "to a file, no CRC32",
+        }  # fmt: skip
+        assert rank["max_rss_gb"] > 0
 
     # Nothing of the job is left in shared memory.
     port = PORT.search((out / "logs" / "job.log").read_text()).group(1)

@@ -14,21 +14,20 @@ Each of ``--repeats`` rounds, in the same job and the same directory:
 1. ``--save-every`` K timed training steps; the checkpoint is saved right after step K. The stall
    a periodic save causes is step K plus its save, against a normal step (steps 1..K-1);
 2. the save is timed as training runs it: DeepSpeed ``torch.save``s each rank's files (no fsync: on
-   return the data may still sit in the page cache), then megamm writes its marker (fsynced, a
-   few hundred bytes). Right after, each rank fsyncs the files it wrote, timed apart: save +
-   fsync is the time until the checkpoint is durable;
+   return the data may still sit in the page cache), then megamm writes its marker (fsynced, under
+   2 KB). Right after, each rank fsyncs the files it wrote, timed apart: save + fsync is the time
+   until the checkpoint is durable;
 3. the files are evicted from the page cache (``posix_fadvise DONTNEED``), the fp32 master
    weights zeroed, and the checkpoint loaded (timed) and checked to have restored them;
 4. the raw disk baseline in the same directory: the checkpoint's bytes written in ``--block-mb``
    blocks, as one file by rank 0 (the other waits) and as one file per rank at once (each its
    own share, as the save writes), without and with fsync, then read back from disk.
 
-What precedes each transfer is the same for all of them (``--before``, untimed): by default a
-training step, as before a periodic save. It matters on a virtual machine that hands freed memory
-back to its host within seconds: writing into the page cache right after a training step, or
-into memory the guest has not touched lately, runs several times slower than into memory it
-has just used (here ~0.5 against ~4 GB/s). ``--before warm`` fills and frees the memory a
-transfer will take first, as on bare metal; ``--before cold`` idles ``--settle`` seconds.
+Every transfer starts right after a training step, as a periodic save does. On a virtual
+machine that hands freed memory back to its host within seconds (this one), the speed of writing
+into the page cache depends on what ran just before: right after a training step it is several
+times slower than into memory just used (~0.5 against ~4 GB/s for one writer here), so the save
+and its baselines are only comparable when the same thing precedes each of them.
 
 Where the save's time goes is measured in the same saves: megamm's calls into DeepSpeed are
 wrapped (state-dict building, each ``torch.save`` with its file and bytes, the marker; barriers
@@ -104,15 +103,6 @@ BASELINES = {
 }
 """Each megamm transfer's raw-disk baselines: one file from rank 0, one file per rank at once."""
 REMAINDER = "barriers (waiting for the other rank), DeepSpeed's bookkeeping"
-BEFORE_NOTE = {
-    "step": "Every transfer ran right after a training step, as a periodic save does (`--before step`).",
-    "warm": "Before each transfer (untimed) every rank idled a second, then filled and freed as much memory as it "
-    "would take (`--before warm`), so that it ran as on bare metal.",
-    "cold": "Before each transfer every rank idled `--settle` seconds (`--before cold`), so that this VM had "
-    "handed freed memory back to its host: every transfer paid for fresh memory.",
-}
-WARM_MARGIN = 64 * 2**20
-"""Bytes filled beyond a transfer's own before it, under ``--before warm``."""
 TARGET_RATIO = 0.5
 
 
@@ -366,11 +356,6 @@ class Job:
     rank: int
     block: bytes
     """The raw baseline's write buffer (incompressible, in case the disk compresses)."""
-    before: str
-    """``--before``: step, warm or cold (see :func:`prepare`)."""
-    settle: float
-    share: int
-    """This rank's bytes of a checkpoint (estimated until the first save)."""
     step: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
 
@@ -427,9 +412,7 @@ def build_job(args: argparse.Namespace) -> Job:
     marker = {**parallel_layout(parallel.world_size, 1, parallel.dp_size), "config": to_dict(config)}
     profile = SaveProfile()
     instrument(engine, profile)
-    block = os.urandom(args.block_mb * 2**20)
-    share = 12 * args.param_count // parallel.dp_size  # fp32 master + Adam's two moments
-    job = Job(engine, config, marker, profile, parallel.rank, block, args.before, args.settle, share)
+    job = Job(engine, config, marker, profile, parallel.rank, os.urandom(args.block_mb * 2**20))
     job.generator.manual_seed(config.seed * 1000 + parallel.rank)
     return job
 
@@ -444,28 +427,14 @@ def rank_paths(directory: Path, written: list[dict[str, int]], rank: int) -> lis
     return [p for p in paths if p.is_file() and p.name not in others] + [p for p in paths if p.is_dir()] + [directory]
 
 
-def prepare(job: Job, warm_bytes: int) -> None:
-    """What precedes a transfer on every rank, untimed (``--before``).
+def timed_transfer(job: Job, work: Callable[[], Any]) -> float:
+    """A training step, then ``work`` (run on every rank) timed from a barrier to a barrier.
 
-    ``step``: a training step, as before a periodic save; ``warm``: a second idle, then ``warm_bytes``
-    (plus a margin) of memory filled and freed, so that the transfer gets memory just used, as all
-    free memory is on bare metal; ``cold``: ``--settle`` seconds idle, so that a virtual machine has
-    handed freed memory back to its host and the transfer pays for fresh memory.
+    Every transfer follows a training step, as a periodic save does: on a virtual machine that
+    hands freed memory back to its host, what ran just before sets the speed of writing into the
+    page cache (see the module's docstring).
     """
-    if job.before == "step":
-        job.steps(1)
-    elif job.before == "warm":
-        time.sleep(1.0)
-        scratch = torch.empty(int(warm_bytes * 1.1) + WARM_MARGIN, dtype=torch.uint8)
-        scratch.fill_(1)
-        del scratch
-    else:
-        time.sleep(job.settle)
-
-
-def timed_transfer(job: Job, warm_bytes: int, work: Callable[[], Any]) -> float:
-    """:func:`prepare` every rank, then time ``work`` (run on every rank) from a barrier to a barrier."""
-    prepare(job, warm_bytes)
+    job.steps(1)
     return collective_seconds(work)
 
 
@@ -478,12 +447,12 @@ def raw_transfers(job: Job, directory: Path, shares: list[int]) -> dict[str, flo
         path = directory / f"raw-disk-baseline-rank{job.rank}.bin"
         for fsync in (False, True):
             name = ("raw_write_fsync" if fsync else "raw_write") + suffix
-            seconds[name] = timed_transfer(job, nbytes, lambda: nbytes and raw_write(path, nbytes, job.block, fsync))
+            seconds[name] = timed_transfer(job, lambda: nbytes and raw_write(path, nbytes, job.block, fsync))
             if not fsync:
                 path.unlink(missing_ok=True)
         if nbytes:
             evict([path])
-        seconds["raw_read" + suffix] = timed_transfer(job, nbytes, lambda: nbytes and raw_read(path, len(job.block)))
+        seconds["raw_read" + suffix] = timed_transfer(job, lambda: nbytes and raw_read(path, len(job.block)))
         path.unlink(missing_ok=True)
     return seconds
 
@@ -504,18 +473,15 @@ def one_repeat(job: Job, directory: Path, save_every: int, keep: bool) -> dict[s
     _barrier()
     step_seconds = job.steps(save_every)
     seconds: dict[str, float] = {}
-    if job.before != "step":  # else step K is what precedes the save
-        prepare(job, job.share)
-    seconds["save"], path = job.save(directory)
+    seconds["save"], path = job.save(directory)  # right after step K
     saved = (job.step, master_fingerprint(job.engine))
     written = _gather(dict(job.profile.files))
     profile = {"seconds": dict(job.profile.seconds), "files": dict(job.profile.files), "total": seconds["save"]}
     seconds["fsync_after_save"] = collective_seconds(lambda: fsync_paths(rank_paths(directory, written, job.rank)))
     files, shares = checkpoint_shares(directory, written, job.rank)
-    job.share = shares[job.rank]
     if job.rank == 0:
         evict([directory / name for name in files])
-    prepare(job, 2 * job.share)  # warm: the page cache and the loaded tensors
+    job.steps(1)
     seconds["load"], restored = job.load(path, saved)
     if job.rank == 0 and not keep:
         shutil.rmtree(directory)
@@ -554,7 +520,7 @@ def diagnose(job: Job, directory: Path) -> dict[str, float]:
             serialization.set_crc32_options(crc32)
             if job.rank == 0:
                 os.sync()
-            seconds[name] = timed_transfer(job, job.share, lambda: torch.save(state, path))
+            seconds[name] = timed_transfer(job, lambda: torch.save(state, path))
             target.unlink(missing_ok=True)
     finally:
         serialization.set_crc32_options(default)
@@ -567,6 +533,8 @@ def worker_main(args: argparse.Namespace) -> None:
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if args.no_crc32:
+        torch.serialization.set_crc32_options(False)
     job = build_job(args)
     memory = {"after build": rss_gb(), "peak during build": max_rss_gb()}
     workdir = Path(args.run_dir)
@@ -604,8 +572,9 @@ def _worker_command(args: argparse.Namespace, run_dir: Path, result: Path, port:
     script = [str(ROOT / "tools/bench_checkpoint.py"), "--worker", "--result", str(result), "--run-dir", str(run_dir)]
     script += ["--config", args.config, "--ds-config", args.ds_config, "--repeats", str(args.repeats)]
     script += ["--save-every", str(args.save_every), "--warmup", str(args.warmup), "--block-mb", str(args.block_mb)]
-    script += ["--param-count", str(args.param_count), "--before", args.before, "--settle", str(args.settle)]
+    script += ["--param-count", str(args.param_count)]
     script += ["--keep"] if args.keep else []
+    script += ["--no-crc32"] if args.no_crc32 else []
     script += ["--diagnose"] if args.diagnose else []
     return [*launcher, *script, *overrides]
 
@@ -839,13 +808,14 @@ def render_report(result: dict[str, Any], summary: dict[str, Any], args: argpars
         f"MB = 10^6 bytes; ratios divide mean MB/s. Peak RSS: {rss}. Every load restored the master weights: "
         f"{summary['load_restored']}.\n\n{render_verdict(summary)}\n\n"
         "The save as training runs it (`megamm.engine.save_checkpoint`) includes no fsync of DeepSpeed's files "
-        "(torch.save does not fsync); only megamm's marker (a few hundred bytes) is fsynced, so on return the "
+        "(torch.save does not fsync); only megamm's marker (under 2 KB) is fsynced, so on return the "
         "checkpoint may still sit in the page cache. `save + fsync` adds, right after, an fsync by each rank of "
         "the files it wrote (rank 0: also the marker, `latest` and the directories). The raw baselines write the "
         "checkpoint's bytes in large blocks into the same directory: as one file from rank 0, and as one file per "
-        "rank at once (each rank its own share, as the save writes). "
-        f"{BEFORE_NOTE[args.before]} The ranks ran with "
-        f"{'MALLOC_MMAP_THRESHOLD_=' + str(args.malloc_mmap_threshold) if args.malloc_mmap_threshold else 'glibc defaults'}."
+        "rank at once (each rank its own share, as the save writes). Every transfer ran right after a training "
+        "step, as a periodic save does. The ranks ran with "
+        f"{'MALLOC_MMAP_THRESHOLD_=' + str(args.malloc_mmap_threshold) if args.malloc_mmap_threshold else 'glibc defaults'}"
+        f"{' and torch.save without CRC32 (`--no-crc32`)' if args.no_crc32 else ''}."
         "\n\n"
         f"{render_transfers(summary)}\n\n## Training stall of a periodic save\n\n{render_stall(summary)}\n\n"
         f"## Where the save's time goes (mean over repeats)\n\n{render_profile(summary)}\n"
@@ -870,7 +840,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for i, row in enumerate(ROWS):
         if row in BASELINES:
             ratios = " / ".join(f"{summary['ratios'][row][base]['ratio']:.2f}x" for base in BASELINES[row])
-            ax.text(i, stats[i]["mean"], ratios, ha="center", va="bottom", fontsize=8)
+            top = max(stats[i]["max"], stats[i]["mean"] + stats[i]["std"])
+            ax.text(i, top, ratios, ha="center", va="bottom", fontsize=8)
             target = TARGET_RATIO * max(summary["transfers"][base]["mb_per_s_stats"]["mean"] for base in BASELINES[row])
             ax.plot([i - 0.45, i + 0.45], [target, target], color="red", linestyle="--", linewidth=1,
                     label=f"{TARGET_RATIO}x the faster raw baseline" if row == "save" else None)  # fmt: skip
@@ -924,11 +895,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     parser.add_argument("--micro-batch", type=int, default=2, help="samples per rank per step")
     parser.add_argument("--block-mb", type=int, default=64, help="MiB per write() and read() of the raw disk baseline")
-    parser.add_argument("--before", choices=("step", "warm", "cold"), default="step",
-                        help="what precedes each transfer, untimed: step = a training step, as before a periodic save; "
-                        "warm = a second idle, then as much memory as it will take filled and freed (as on bare metal); "
-                        "cold = --settle s idle, so a VM hands freed memory back to its host")  # fmt: skip
-    parser.add_argument("--settle", type=float, default=10.0, help="seconds idle before each transfer, --before cold")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=2**20,
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for the ranks (bytes; 0: glibc's dynamic default). A fixed "
                         "threshold returns ZeRO-3's freed gather buffers to the system at once (56M parameters: peak RSS "
@@ -937,6 +903,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/bench_checkpoint", help="results.md, results.json, throughput.png, logs/")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (and print where)")
     parser.add_argument("--diagnose", action="store_true", help="also time torch.save to /dev/null and to a file, with and without CRC32")
+    parser.add_argument("--no-crc32", action="store_true",
+                        help="torch.save without its per-record CRC32 in the ranks (what megamm's save would do if it "
+                        "turned it off; torch.load never checks it)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the job is stopped")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

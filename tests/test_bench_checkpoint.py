@@ -60,7 +60,7 @@ def test_bench_checkpoint_reports_what_it_wrote(tmp_path: Path) -> None:
     report = (out / "results.md").read_text()
     assert report.strip() in result.stdout
     for row, label, bases in (
-        ("save", "**megamm save** (as in training", ("raw_write", "raw_write_ranks")),
+        ("save", "**megamm save** (as in training", ("raw_write_fsync", "raw_write_fsync_ranks")),
         ("save_fsync", "**megamm save + fsync**", ("raw_write_fsync", "raw_write_fsync_ranks")),
         ("load", "**megamm load**", ("raw_read", "raw_read_ranks")),
     ):

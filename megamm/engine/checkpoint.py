@@ -78,8 +78,12 @@ class CheckpointSaveError(RuntimeError):
 
 
 class _WriteErrors:
-    """Collects the first error of DeepSpeed's checkpoint writes on this rank, instead of raising it.
+    """Makes DeepSpeed's checkpoint writes durable, and collects the first error on this rank
+    instead of raising it.
 
+    Every file is fsynced once written (``torch.save`` does not), so that the completion marker,
+    written after every rank's files, never reaches the disk before the data it vouches for: a
+    power loss right after a save must not leave a "complete" checkpoint of empty shards.
     DeepSpeed's save runs collectives between its file writes; a rank that raised out of it
     would leave its peers waiting in them. Inside :meth:`collecting`, a failed write is
     recorded, its partial file removed, and the save goes on, so every rank reaches the end
@@ -96,11 +100,14 @@ class _WriteErrors:
         def guarded(*args: Any, **kwargs: Any) -> Any:
             if self.error is not None:
                 return None  # the tag has failed already: write nothing more
+            target = describe(*args, **kwargs)
             try:
-                return write(*args, **kwargs)
+                result = write(*args, **kwargs)
+                if target:
+                    _fsync(Path(target))
+                return result
             except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
                 self.error = error
-                target = describe(*args, **kwargs)
                 self.free_bytes = _free_bytes(Path(target).parent if target else Path("."))
                 if target:
                     Path(target).unlink(missing_ok=True)
@@ -152,9 +159,12 @@ def save_checkpoint(
     # DeepSpeed's save ends in a barrier: every rank's shards are on disk, or failed.
     if dist.get_rank() == 0 and writes.error is None:
         try:
+            _fsync(path)  # the shards' directory entries, before the marker vouches for them
             _write_json_atomic(path / MARKER, {"step": step, **marker})
+            _fsync(path)  # the marker's own entry
             with atomic_output(directory / "latest") as handle:
                 handle.write(tag.encode("utf-8"))
+            _fsync(directory)
         except OSError as failure:
             writes.error, writes.free_bytes = failure, _free_bytes(directory)
             (path / MARKER).unlink(missing_ok=True)
@@ -168,6 +178,15 @@ def save_checkpoint(
         _prune(directory, keep_last, path)
     dist.barrier()
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _free_bytes(directory: Path) -> Optional[int]:

@@ -11,7 +11,14 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megamm.config import load_config
 from megamm.model import MultiModalTransformer
 from megamm.model.heads import contrastive_loss
-from megamm.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, shard_of
+from megamm.parallel import (
+    ColumnParallelLinear,
+    ParallelState,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_of,
+    vocab_parallel_cross_entropy,
+)
 from megamm.parallel import layout
 from tests.distributed import run_distributed
 
@@ -107,6 +114,52 @@ def _embedding_parity(rank: int, world: int) -> None:
 
 def test_vocab_parallel_embedding_tp2_matches_single_process(tmp_path) -> None:
     run_distributed(_embedding_parity, 2, tmp_path)
+
+
+def _cross_entropy_parity(rank: int, world: int) -> None:
+    """vocab_parallel_cross_entropy on this rank's vocabulary slice against F.cross_entropy on the
+    full logits: loss and the logits' gradient, with ignored positions, label smoothing, every
+    reduction, and logits large enough to overflow exp() without the max subtraction."""
+    state = ParallelState.initialize(tensor_parallel=world)
+    vocab = 24
+    for case, (scale, smoothing, reduction) in enumerate(
+        [(1.0, 0.0, "mean"), (3.0, 0.1, "mean"), (1.0, 0.2, "sum"), (1.0, 0.0, "none"), (500.0, 0.05, "mean")]
+    ):
+        torch.manual_seed(case)
+        full = (scale * torch.randn(2, 5, vocab, dtype=torch.float64)).requires_grad_()  # (B, T, V)
+        target = torch.randint(0, vocab, (2, 5))
+        target[0, 1] = target[1, 4] = -100  # ignored positions
+        shard = full.detach().chunk(world, dim=-1)[state.tp_rank].clone().requires_grad_()  # (B, T, V / tp)
+        loss = vocab_parallel_cross_entropy(
+            shard, target, group=state.tp_group, label_smoothing=smoothing, reduction=reduction
+        )
+        expected = F.cross_entropy(
+            full.reshape(-1, vocab), target.reshape(-1), ignore_index=-100, label_smoothing=smoothing, reduction=reduction
+        )
+        expected = expected.reshape(target.shape) if reduction == "none" else expected
+        torch.testing.assert_close(loss, expected, atol=1e-10, rtol=1e-10, msg=f"case {case}: loss")
+        weights = torch.rand(loss.shape, dtype=torch.float64)  # a non-uniform upstream gradient
+        (loss * weights).sum().backward()
+        (expected * weights).sum().backward()
+        own = full.grad.chunk(world, dim=-1)[state.tp_rank]
+        torch.testing.assert_close(shard.grad, own, atol=1e-10, rtol=1e-10, msg=f"case {case}: gradient")
+        assert torch.all(shard.grad[0, 1] == 0) and torch.all(shard.grad[1, 4] == 0)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vocab_parallel_cross_entropy_matches_f_cross_entropy(tmp_path, tp: int) -> None:
+    run_distributed(_cross_entropy_parity, tp, tmp_path)
+
+
+def test_vocab_parallel_cross_entropy_refuses_bad_arguments() -> None:
+    group = None  # not reached: the arguments are checked first
+    logits, target = torch.zeros(2, 3, 8), torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        vocab_parallel_cross_entropy(logits, target, group=group, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction must be"):
+        vocab_parallel_cross_entropy(logits, target, group=group, reduction="avg")
+    with pytest.raises(ValueError, match="do not match"):
+        vocab_parallel_cross_entropy(logits, target[:, :2], group=group)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tensor/data/pipeline parallel building blocks (torch.distributed only, no DeepSpeed)."""
 
+from megamm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -32,4 +33,5 @@ __all__ = [
     "reduce_from_group",
     "scatter_to_group",
     "shard_of",
+    "vocab_parallel_cross_entropy",
 ]

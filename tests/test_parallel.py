@@ -16,6 +16,9 @@ from megamm.parallel import (
     ParallelState,
     RowParallelLinear,
     VocabParallelEmbedding,
+    gather_from_sequence,
+    reduce_scatter_to_sequence,
+    scatter_to_sequence,
     shard_of,
     vocab_parallel_cross_entropy,
 )
@@ -149,6 +152,64 @@ def _cross_entropy_parity(rank: int, world: int) -> None:
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_parallel_cross_entropy_matches_f_cross_entropy(tmp_path, tp: int) -> None:
     run_distributed(_cross_entropy_parity, tp, tmp_path)
+
+
+def _sequence_parallel_parity(rank: int, world: int) -> None:
+    """A Megatron sequence-parallel MLP block (norm on sequence slices, all-gather into the
+    column-parallel matmul, reduce-scatter out of the row-parallel one) against one process:
+    outputs, the input's gradient, per-shard weight gradients and the replicated norm's
+    gradient, once summed over the group."""
+    state = ParallelState.initialize(tensor_parallel=world)
+    group = state.tp_group
+    torch.manual_seed(0)
+    batch, seq, hidden, ffn = 2, 8, 6, 12
+    x = torch.randn(batch, seq, hidden, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(ffn, hidden, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(hidden, ffn, dtype=torch.float64, requires_grad=True)
+    norm = torch.nn.LayerNorm(hidden, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    upstream = torch.randn(batch, seq, hidden, dtype=torch.float64)
+    out = x + F.gelu(norm(x) @ w1.T) @ w2.T  # (B, T, H)
+    (out * upstream).sum().backward()
+
+    own = slice(rank * seq // world, (rank + 1) * seq // world)
+    x_local = x.detach()[:, own].clone().requires_grad_()  # (B, T / tp, H): this rank's slice
+    w1_local = w1.detach().chunk(world, dim=0)[rank].clone().requires_grad_()  # column-parallel
+    w2_local = w2.detach().chunk(world, dim=1)[rank].clone().requires_grad_()  # row-parallel
+    norm_local = torch.nn.LayerNorm(hidden, dtype=torch.float64)
+    norm_local.load_state_dict(norm.state_dict())
+    hidden_states = gather_from_sequence(norm_local(x_local), group)  # (B, T, H)
+    partial = F.gelu(hidden_states @ w1_local.T) @ w2_local.T  # (B, T, H), this rank's share of the sum
+    out_local = x_local + reduce_scatter_to_sequence(partial, group)  # (B, T / tp, H)
+    (out_local * upstream[:, own]).sum().backward()
+
+    torch.testing.assert_close(out_local, out.detach()[:, own], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(x_local.grad, x.grad[:, own], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(w1_local.grad, w1.grad.chunk(world, dim=0)[rank], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(w2_local.grad, w2.grad.chunk(world, dim=1)[rank], atol=1e-10, rtol=1e-10)
+    # The norm's weights are replicated but each rank saw only its slice of the sequence: the
+    # full gradient is the sum over the group (what sequence parallelism must all-reduce).
+    for local, full in ((norm_local.weight, norm.weight), (norm_local.bias, norm.bias)):
+        summed = local.grad.clone()
+        if world > 1:
+            dist.all_reduce(summed, group=group)
+        torch.testing.assert_close(summed, full.grad, atol=1e-10, rtol=1e-10)
+        if world > 1:
+            assert not torch.allclose(local.grad, full.grad), "a slice's norm gradient already equals the whole"
+
+    # Entering sequence parallelism from a replicated tensor: each rank keeps its slice, and the
+    # gradient is every rank's slice gradient, gathered.
+    replicated = x.detach().clone().requires_grad_()
+    piece = scatter_to_sequence(replicated, group)
+    torch.testing.assert_close(piece, x.detach()[:, own])
+    (piece * upstream[:, own]).sum().backward()
+    torch.testing.assert_close(replicated.grad, upstream)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_sequence_parallel_mappings_match_single_process(tmp_path, tp: int) -> None:
+    run_distributed(_sequence_parallel_parity, tp, tmp_path)
 
 
 def test_vocab_parallel_cross_entropy_refuses_bad_arguments() -> None:

@@ -12,10 +12,13 @@ from megamm.parallel.mappings import (
     copy_to_group,
     gather_batch_with_grad,
     gather_from_group,
+    gather_from_sequence,
     group_rank,
     group_size,
     reduce_from_group,
+    reduce_scatter_to_sequence,
     scatter_to_group,
+    scatter_to_sequence,
 )
 from megamm.parallel.state import ParallelState
 
@@ -27,11 +30,14 @@ __all__ = [
     "copy_to_group",
     "gather_batch_with_grad",
     "gather_from_group",
+    "gather_from_sequence",
     "group_rank",
     "group_size",
     "normal_init",
     "reduce_from_group",
+    "reduce_scatter_to_sequence",
     "scatter_to_group",
+    "scatter_to_sequence",
     "shard_of",
     "vocab_parallel_cross_entropy",
 ]

@@ -11,7 +11,16 @@ reduce_from_group           all-reduce (sum)                  identity
 scatter_to_group            keep this rank's last-dim slice   all-gather along last dim
 gather_from_group           all-gather along last dim         keep this rank's slice
 gather_batch_with_grad      all-gather along dim 0            all-reduce, keep own rows
+scatter_to_sequence         keep this rank's sequence slice   all-gather along the sequence
+gather_from_sequence        all-gather along the sequence     reduce-scatter along it
+reduce_scatter_to_sequence  reduce-scatter along the sequence all-gather along it
 ==========================  ================================  =============================
+
+The last three are Megatron's sequence parallelism: outside the tensor-parallel regions (norms,
+dropout, residuals) each rank holds a slice of the sequence; ``gather_from_sequence`` enters a
+column-parallel layer with the whole sequence, and ``reduce_scatter_to_sequence`` leaves a
+row-parallel one, summing the ranks' partial outputs and keeping this rank's slice. The
+sequence is dimension 1 of batch-first ``(B, T, ...)`` tensors unless ``dim`` says otherwise.
 """
 
 from __future__ import annotations
@@ -64,6 +73,21 @@ def _split(tensor: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     return tensor.chunk(size, dim=dim)[group_rank(group)].contiguous()
 
 
+def _reduce_scatter(tensor: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    """Sum ``tensor`` over the group and keep this rank's slice of dimension ``dim``."""
+    size = group_size(group)
+    if size == 1:
+        return tensor
+    if tensor.shape[dim] % size != 0:
+        raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} is not divisible by group size {size}")
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce, then split
+        return _split(_all_reduce(tensor.clone(), group), group, dim)
+    parts = [part.contiguous() for part in tensor.chunk(size, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -87,24 +111,38 @@ class _ReduceFromGroup(torch.autograd.Function):
 
 class _ScatterToGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _split(x, group, dim=-1)
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _all_gather(grad, ctx.group, dim=-1), None
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _all_gather(x, group, dim=-1)
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int, reduce_grad: bool) -> torch.Tensor:
+        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
+        return _all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _split(grad, ctx.group, dim=-1), None
+        # Each rank's gradient of the gathered tensor is partial when the ranks go on to compute
+        # different parts (a column-parallel layer): sum them while splitting.
+        kept = _reduce_scatter(grad, ctx.group, ctx.dim) if ctx.reduce_grad else _split(grad, ctx.group, ctx.dim)
+        return kept, None, None, None
+
+
+class _ReduceScatterToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatherBatchWithGrad(torch.autograd.Function):
@@ -135,12 +173,30 @@ def reduce_from_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 def scatter_to_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Keep this rank's slice of the last dimension; the gradient is all-gathered."""
-    return _ScatterToGroup.apply(x, group) if group_size(group) > 1 else x
+    return _ScatterToGroup.apply(x, group, -1) if group_size(group) > 1 else x
 
 
 def gather_from_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's slice along the last dimension; the gradient is split."""
-    return _GatherFromGroup.apply(x, group) if group_size(group) > 1 else x
+    return _GatherFromGroup.apply(x, group, -1, False) if group_size(group) > 1 else x
+
+
+def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """Enter sequence parallelism: (B, T, ...) -> (B, T / tp, ...), this rank's slice of the
+    sequence; the gradient is all-gathered."""
+    return _ScatterToGroup.apply(x, group, dim) if group_size(group) > 1 else x
+
+
+def gather_from_sequence(x: torch.Tensor, group: ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """Before a column-parallel layer: (B, T / tp, ...) -> (B, T, ...), every rank's slice of the
+    sequence; the gradient (partial on each rank) is reduce-scattered back to the slices."""
+    return _GatherFromGroup.apply(x, group, dim, True) if group_size(group) > 1 else x
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """After a row-parallel layer: sum the ranks' partial (B, T, ...) outputs and keep this rank's
+    slice of the sequence, (B, T / tp, ...); the gradient is all-gathered."""
+    return _ReduceScatterToGroup.apply(x, group, dim) if group_size(group) > 1 else x
 
 
 def gather_batch_with_grad(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

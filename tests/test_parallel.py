@@ -23,6 +23,7 @@ from megamm.parallel import (
     vocab_parallel_cross_entropy,
 )
 from megamm.parallel import layout
+from megamm.parallel.random import checkpoint, get_rng_tracker, model_parallel_seed
 from tests.distributed import run_distributed
 
 ATOL = 1e-5
@@ -363,3 +364,73 @@ def test_stacked_shards_hold_whole_blocks() -> None:
     full = torch.arange(12.0).reshape(12, 1)  # blocks Q = 0..3, K = 4..7, V = 8..11
     assert shard_of(full, 1, 2, dim=0, stride=3).flatten().tolist() == [2, 3, 6, 7, 10, 11]
     assert shard_of(full, 0, 2, dim=0).flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel random streams and activation checkpointing
+
+
+def _rng_streams(rank: int, world: int) -> None:
+    """Dropout agrees across a tensor-parallel group outside forked regions and differs inside,
+    with Megatron's seeds (seed, and seed + 2718 + tp_rank)."""
+    state = ParallelState.initialize(tensor_parallel=world)
+    model_parallel_seed(123, state.tp_rank)
+    shared = F.dropout(torch.ones(256), 0.5)
+    with get_rng_tracker().fork():
+        own = F.dropout(torch.ones(256), 0.5)
+    after = torch.rand(4)  # the default stream continues as if the fork had not happened
+    everyone = [torch.empty(256) for _ in range(world)]
+    dist.all_gather(everyone, shared, group=state.tp_group)
+    assert all(torch.equal(mask, shared) for mask in everyone)
+    dist.all_gather(everyone, own, group=state.tp_group)
+    assert not any(torch.equal(mask, own) for index, mask in enumerate(everyone) if index != state.tp_rank)
+
+    torch.manual_seed(123)
+    assert torch.equal(F.dropout(torch.ones(256), 0.5), shared)
+    assert torch.equal(torch.rand(4), after)
+    torch.manual_seed(123 + 2718 + state.tp_rank)
+    assert torch.equal(F.dropout(torch.ones(256), 0.5), own)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_rng_streams_differ_inside_regions_and_agree_outside(tmp_path, tp: int) -> None:
+    run_distributed(_rng_streams, tp, tmp_path)
+
+
+class _DropoutBlock(torch.nn.Module):
+    """Dropout from both streams between two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self.up(x), 0.3)  # the default stream
+        with get_rng_tracker().fork():
+            h = F.dropout(F.gelu(h), 0.3)  # the tensor-parallel stream
+        return self.down(h)
+
+
+def _run_block(wrap) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    block, x = _DropoutBlock(), torch.randn(4, 8, requires_grad=True)
+    model_parallel_seed(7, tp_rank=0)
+    out = wrap(block, x) + wrap(block, x)  # twice: the second call draws new masks
+    out.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+    return out.detach(), grads, x.grad.clone(), torch.rand(3)
+
+
+def test_checkpoint_replays_both_random_streams() -> None:
+    out, grads, x_grad, next_draw = _run_block(lambda block, x: block(x))
+    ckpt_out, ckpt_grads, ckpt_x_grad, ckpt_next_draw = _run_block(checkpoint)
+    torch.testing.assert_close(ckpt_out, out, atol=0, rtol=0)
+    torch.testing.assert_close(ckpt_x_grad, x_grad, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], atol=0, rtol=0, msg=name)
+    assert torch.equal(ckpt_next_draw, next_draw), "checkpointing changed the random stream after it"
+    # torch's own checkpoint replays the default stream only: the forked masks differ on recompute.
+    import torch.utils.checkpoint as torch_checkpoint
+
+    _, naive_grads, _, _ = _run_block(lambda block, x: torch_checkpoint.checkpoint(block, x, use_reentrant=False))
+    assert not torch.allclose(naive_grads["up.weight"], grads["up.weight"])

@@ -20,6 +20,7 @@ from megamm.parallel.mappings import (
     scatter_to_group,
     scatter_to_sequence,
 )
+from megamm.parallel.random import checkpoint, get_rng_tracker, model_parallel_seed
 from megamm.parallel.state import ParallelState
 
 __all__ = [
@@ -27,12 +28,15 @@ __all__ = [
     "ParallelState",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "checkpoint",
     "copy_to_group",
     "gather_batch_with_grad",
     "gather_from_group",
     "gather_from_sequence",
+    "get_rng_tracker",
     "group_rank",
     "group_size",
+    "model_parallel_seed",
     "normal_init",
     "reduce_from_group",
     "reduce_scatter_to_sequence",

@@ -135,6 +135,9 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     zero_stage: int = 3
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (less activation memory, one more
+    forward pass); the numbers do not change."""
     collective_timeout_s: float = 1800.0
     """How long a rank may wait without progress (a step, an evaluation round, a save) before it
     fails the job; also the process group's collective timeout. A rank that dies ends the job at

@@ -464,6 +464,7 @@ def _train(
 
     torch.manual_seed(config.seed)
     model = MultiModalTransformer(config.model, parallel)
+    model.set_activation_checkpointing(config.parallel.activation_checkpointing)
     local = sum(p.numel() for p in model.parameters())
     sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     full = local + (parallel.tp_size - 1) * sharded

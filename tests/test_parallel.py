@@ -434,3 +434,33 @@ def test_checkpoint_replays_both_random_streams() -> None:
 
     _, naive_grads, _, _ = _run_block(lambda block, x: torch_checkpoint.checkpoint(block, x, use_reentrant=False))
     assert not torch.allclose(naive_grads["up.weight"], grads["up.weight"])
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients() -> None:
+    """The model with activation checkpointing runs every block twice per training step (forward,
+    then recompute) and gives the same loss and gradients; evaluation runs each block once."""
+    config = load_config("tiny").model
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 200, (4, 24)), torch.ones(4, 24, dtype=torch.bool))
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = MultiModalTransformer(config)
+        model.set_activation_checkpointing(enabled)
+        calls = []
+        for block in model.modules():
+            if type(block).__name__ == "TransformerBlock":
+                block.register_forward_hook(lambda *_: calls.append(1))
+        loss = model(*batch)["loss"]
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        train_calls = len(calls)
+        model.eval()
+        with torch.no_grad():
+            model(*batch, compute_loss=False)
+        results.append((loss.detach(), grads, train_calls, len(calls) - train_calls))
+    (loss, grads, calls, eval_calls), (ckpt_loss, ckpt_grads, ckpt_calls, ckpt_eval_calls) = results
+    blocks = config.text.num_layers + config.image.num_layers
+    assert (calls, ckpt_calls, eval_calls, ckpt_eval_calls) == (blocks, 2 * blocks, blocks, blocks)
+    torch.testing.assert_close(ckpt_loss, loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)

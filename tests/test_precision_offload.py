@@ -1,6 +1,7 @@
-"""One config chooses the precision and ZeRO-3's CPU offload: `ds_configs/zero3_offload.json`
-(parameters and optimizer state offloaded) trains exactly as plain ZeRO-3 in fp32, and bf16 trains
-with and without offload. (fp16 is refused on CPU: tests/test_misuse.py.)
+"""One config chooses the precision and the memory savers: `ds_configs/zero3_offload.json`
+(parameters and optimizer state offloaded) and `parallel.activation_checkpointing` train exactly
+as plain ZeRO-3 in fp32, and bf16 trains with offload. (fp16 is refused on CPU:
+tests/test_misuse.py.)
 
 TP=1 x DP=2 through the `deepspeed` launcher on loopback.
 """
@@ -15,9 +16,9 @@ import pytest
 from tests.launch import ROOT, deepspeed_command, overrides, run, tensorboard_events
 
 
-def _train(data: dict[str, str], run_dir: Path, template: str, precision: str) -> dict[int, float]:
+def _train(data: dict[str, str], run_dir: Path, template: str, precision: str, **changes: str) -> dict[int, float]:
     args = ["--config", "tiny", "--ds-config", str(ROOT / "ds_configs" / template),
-            *overrides(data, run_dir, precision=precision, logging__log_interval="1")]
+            *overrides(data, run_dir, precision=precision, logging__log_interval="1", **changes)]
     result = run(deepspeed_command(2, args), run_dir.with_suffix(".log"), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "2 ranks: tp=1 dp=2 zero=3" in result.stdout
@@ -40,3 +41,10 @@ def test_bf16_with_offload_trains_close_to_fp32(data: dict[str, str], fp32: dict
     assert sorted(bf16) == [1, 2, 3, 4] and all(math.isfinite(value) for value in bf16.values())
     assert bf16 != fp32, "bf16 computed exactly as fp32: was it on?"
     assert bf16 == pytest.approx(fp32, rel=0.03)  # bf16 keeps ~3 significant digits
+
+
+def test_activation_checkpointing_trains_exactly_as_without(
+    data: dict[str, str], fp32: dict[int, float], tmp_path: Path
+) -> None:
+    recomputed = _train(data, tmp_path / "recompute", "zero3.json", "fp32", parallel__activation_checkpointing="true")
+    assert recomputed == pytest.approx(fp32, rel=1e-6, abs=0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from megamm.model.attention import ParallelSelfAttention
 from megamm.model.init import WeightInit
-from megamm.parallel import ColumnParallelLinear, RowParallelLinear
+from megamm.parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
 from megamm.parallel.mappings import ProcessGroup
 
 
@@ -59,7 +59,12 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """``num_layers`` blocks followed by a final LayerNorm."""
+    """``num_layers`` blocks followed by a final LayerNorm.
+
+    With ``activation_checkpointing`` on, training keeps only each block's input and recomputes
+    the block in the backward pass (:func:`megamm.parallel.checkpoint`, which replays the random
+    streams), trading one more forward pass for the activations' memory.
+    """
 
     def __init__(
         self, hidden_size: int, num_layers: int, num_heads: int, ffn_size: int, group: ProcessGroup, init: WeightInit
@@ -69,8 +74,10 @@ class TransformerStack(nn.Module):
             TransformerBlock(hidden_size, num_heads, ffn_size, group, init, num_layers) for _ in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(hidden_size)
+        self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, key_padding_mask)
+            x = checkpoint(layer, x, key_padding_mask) if recompute else layer(x, key_padding_mask)
         return self.final_norm(x)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megamm.config import ModelConfig
+from megamm.model.blocks import TransformerStack
 from megamm.model.encoders import ImageEncoder, TextEncoder
 from megamm.model.heads import ContrastiveHead, Projection
 from megamm.model.init import WeightInit
@@ -50,6 +51,12 @@ class MultiModalTransformer(nn.Module):
         self.text_projection = Projection(text.hidden_size, config.embed_dim, init)
         self.image_projection = Projection(image.hidden_size, config.embed_dim, init)
         self.contrastive = ContrastiveHead(config.logit_scale_init, config.logit_scale_max, parallel.dp_group)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every transformer block in the backward pass instead of keeping its activations."""
+        for module in self.modules():
+            if isinstance(module, TransformerStack):
+                module.activation_checkpointing = enabled
 
     def forward(
         self,

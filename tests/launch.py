@@ -61,11 +61,14 @@ def digest(*roots: Path) -> dict[str, str]:
     return state
 
 
-def pretrain(args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python launchers/pretrain.py ARGS`` as a user runs it: one process, no launcher."""
+def pretrain(
+    args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 180, script: str = PRETRAIN
+) -> subprocess.CompletedProcess:
+    """``python launchers/pretrain.py ARGS`` (or another entry ``script``) as a user runs it: one
+    process, no launcher."""
     base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
     return subprocess.run(
-        [sys.executable, PRETRAIN, *args],
+        [sys.executable, script, *args],
         cwd=ROOT,
         env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
         capture_output=True,

@@ -315,14 +315,6 @@ def test_a_failing_rank_is_named_first_and_the_job_fails(data: dict[str, str], t
 FINETUNE = str(ROOT / "launchers/finetune.py")
 
 
-def _finetune(args: list[str]) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
-    return subprocess.run(
-        [sys.executable, FINETUNE, *args], cwd=ROOT, env={**base, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=120,
-    )
-
-
 @pytest.mark.parametrize(
     "case, args, fragments",
     [
@@ -348,5 +340,5 @@ def test_finetune_refuses_what_the_weights_cannot_serve(
     for arg in args:
         expanded += placeholders.get(arg, [arg])
     before = digest(finished_run, tmp_path / "ft")
-    _assert_refused(_finetune(expanded), *fragments)
+    _assert_refused(pretrain(expanded, timeout=120, script=FINETUNE), *fragments)
     assert digest(finished_run, tmp_path / "ft") == before

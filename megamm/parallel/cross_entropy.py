@@ -16,13 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from megamm.parallel.mappings import group_rank, group_size
-
-
-def _all_reduce(tensor: torch.Tensor, group: ProcessGroup, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+from megamm.parallel.mappings import _all_reduce, group_rank, group_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -46,11 +46,11 @@ def group_rank(group: ProcessGroup) -> int:
     return dist.get_rank(group)
 
 
-def _all_reduce(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     if group_size(group) == 1:
         return tensor
     tensor = tensor.contiguous()
-    dist.all_reduce(tensor, group=group)
+    dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +14,14 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, args: tuple) -> None:
+    """One child: join the group, run ``fn``, leave.
+
+    A child that succeeded leaves through ``os._exit(0)``: interpreter teardown after a DeepSpeed
+    engine can abort in a C++ destructor ("terminate called without an active exception"), which
+    would report a passing rank as killed by SIGABRT. A failure still raises, so ``mp.spawn``
+    carries its traceback to the parent.
+    """
+    faulthandler.enable()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -19,6 +29,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, a
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> None:

@@ -33,22 +33,49 @@ ATOL = 1e-5
 # Layout against DeepSpeed's own topology
 
 
-@pytest.mark.parametrize("world,tp,pp", [(4, 2, 1), (8, 2, 2), (8, 4, 1), (12, 2, 3), (6, 1, 2)])
-def test_layout_matches_deepspeed_topology(world: int, tp: int, pp: int) -> None:
-    dp = world // (tp * pp)
-    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    for rank in range(world):
-        coords = layout.rank_to_coords(rank, world, tp, pp)
-        ref = topo.get_coord(rank)
-        assert (coords.pp, coords.dp, coords.tp) == (ref.pipe, ref.data, ref.model)
-        assert layout.coords_to_rank(coords, world, tp, pp) == rank
-    for axis, size, ours in (
-        ("model", tp, layout.tensor_parallel_groups(world, tp, pp)),
-        ("data", dp, layout.data_parallel_groups(world, tp, pp)),
-        ("pipe", pp, layout.pipeline_parallel_groups(world, tp, pp)),
-    ):
-        if size > 1:  # DeepSpeed lists no groups for an axis of size 1
-            assert sorted(map(sorted, ours)) == sorted(map(sorted, topo.get_axis_comm_lists(axis))), axis
+def _grids(max_world: int) -> list[tuple[int, int, int]]:
+    """Every (world, tp, pp) with world in 1..max_world and tp * pp dividing world."""
+    return [
+        (world, tp, pp)
+        for world in range(1, max_world + 1)
+        for tp in range(1, world + 1)
+        for pp in range(1, world // tp + 1)
+        if world % (tp * pp) == 0
+    ]
+
+
+def test_layout_matches_deepspeed_topology_for_every_grid_up_to_16_ranks() -> None:
+    """For every world size 1..16 and every (tp, pp) dividing it: each rank's coordinates, the
+    tensor-, data-, pipeline- and model-parallel groups (ranks and their order) and the mpu's
+    model-parallel rank equal DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model)."""
+    grids = _grids(16)
+    # 110 = the sum over world sizes of d3(world), the number of ordered (tp, pp, dp) with product world
+    assert len(grids) == 110 and (16, 4, 2) in grids and (7, 7, 1) in grids
+    for world, tp, pp in grids:
+        dp = world // (tp * pp)
+        where = f"world={world} tp={tp} pp={pp}"
+        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        assert topo.world_size() == world, where
+        for rank in range(world):
+            coords = layout.rank_to_coords(rank, world, tp, pp)
+            ref = topo.get_coord(rank)
+            assert (coords.pp, coords.dp, coords.tp) == (ref.pipe, ref.data, ref.model), f"{where} rank={rank}"
+            assert layout.coords_to_rank(coords, world, tp, pp) == rank, f"{where} rank={rank}"
+            assert topo.get_rank(pipe=coords.pp, data=coords.dp, model=coords.tp) == rank, f"{where} rank={rank}"
+        model_parallel = [topo.filter_match(data=d) for d in range(dp)]  # ranks sharing a data coordinate
+        for what, ours, theirs in (
+            ("tensor", layout.tensor_parallel_groups(world, tp, pp), topo.get_axis_comm_lists("model")),
+            ("data", layout.data_parallel_groups(world, tp, pp), topo.get_axis_comm_lists("data")),
+            ("pipeline", layout.pipeline_parallel_groups(world, tp, pp), topo.get_axis_comm_lists("pipe")),
+            ("model", layout.model_parallel_groups(world, tp, pp), model_parallel),
+        ):
+            assert ours == theirs, f"{where}: {what}-parallel groups {ours} != DeepSpeed's {theirs}"
+        # DeepSpeed's mpu contract: a rank's model-parallel rank is its index in its model-parallel group.
+        for rank in range(world):
+            coords = layout.rank_to_coords(rank, world, tp, pp)
+            state = ParallelState(world, rank, tp, pp, dp, coords.tp, coords.pp, coords.dp)
+            assert model_parallel[coords.dp].index(rank) == state.get_model_parallel_rank(), f"{where} rank={rank}"
+            assert state.get_model_parallel_world_size() == len(model_parallel[coords.dp]), where
 
 
 def test_layout_rejects_indivisible_world() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megamm.cli import entry_parser, run_entry
+from megamm.cli import ds_template, entry_parser, run_entry
 from megamm.config import ConfigError, config_from_dict
 from megamm.engine import read_marker
 from megamm.preflight import resolve_init_source
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{option} and {key}= both name the shards; give one of them")
             overrides.append(f"{key}={value}")
         config = config_from_dict(read_marker(source)["config"], overrides)
-        run_pretraining(config, args.ds_config, args.resume, args.restart_data, init_from=source)
+        run_pretraining(config, ds_template(args.ds_config, ROOT, config), args.resume, args.restart_data, init_from=source)
 
     return run_entry(start)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megamm.cli import entry_parser, run_entry
+from megamm.cli import ds_template, entry_parser, run_entry
 from megamm.config import load_config
 from megamm.train import run_pretraining
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def start() -> None:
         config = load_config(args.config, args.overrides)
-        run_pretraining(config, args.ds_config, args.resume, args.restart_data)
+        run_pretraining(config, ds_template(args.ds_config, ROOT, config), args.resume, args.restart_data)
 
     return run_entry(start)
 

@@ -13,9 +13,9 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from megamm.config import ConfigError
+from megamm.config import ConfigError, TrainConfig
 from megamm.engine import CheckpointSaveError, Preempted, is_collective_timeout, is_peer_failure, launch_info
 
 
@@ -23,11 +23,14 @@ def entry_parser(description: str, root: Path) -> argparse.ArgumentParser:
     """The options every entry point takes; positional ``key.sub=value`` overrides the recipe.
 
     ``root``: the repository the entry point lives in; the default DeepSpeed template is its
-    ``ds_configs/zero3.json``, wherever the job is launched from.
+    ``ds_configs/zero<parallel.zero_stage>.json`` (:func:`ds_template`), wherever the job is
+    launched from.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--ds-config", default=str(root / "ds_configs/zero3.json"), help="DeepSpeed JSON template (default: %(default)s)"
+        "--ds-config",
+        default=None,
+        help=f"DeepSpeed JSON template (default: {root / 'ds_configs'}/zero<parallel.zero_stage>.json)",
     )
     parser.add_argument(
         "--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a checkpoint path"
@@ -56,6 +59,11 @@ def _stop(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def ds_template(given: Optional[str], root: Path, config: TrainConfig) -> str:
+    """``--ds-config`` if given, else the repository's template for ``parallel.zero_stage``."""
+    return given if given is not None else str(root / "ds_configs" / f"zero{config.parallel.zero_stage}.json")
 
 
 def run_entry(start: Callable[[], Any]) -> int:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar, get_type_hints
+from typing import Any, Optional, Sequence, TypeVar, get_type_hints
 
 import yaml
 
@@ -113,6 +114,12 @@ class ModelConfig:
     """Initial log temperature of the contrastive loss (CLIP uses log(1/0.07))."""
     logit_scale_max: float = math.log(100.0)
 
+    @property
+    def num_pipeline_layers(self) -> int:
+        """Layers of the pipeline form (megamm/model/pipeline.py): two embeddings, the image
+        blocks and head, the text blocks and head, the temperature."""
+        return 2 + self.image.num_layers + 1 + self.text.num_layers + 1 + 1
+
     def validate(self, prefix: str = "model") -> None:
         self.text.validate(f"{prefix}.text")
         self.image.validate(f"{prefix}.image")
@@ -128,12 +135,46 @@ class ModelConfig:
         )
 
 
+def pipeline_split(partition: str, num_layers: int, stages: int) -> Optional[list[int]]:
+    """Stage boundaries ``[0, ..., num_layers]`` of a user-given split; None for DeepSpeed's methods.
+
+    ``partition`` is ``parameters``, ``uniform``, ``type:<regex>`` (DeepSpeed partitions), or the
+    number of layers of each stage, such as ``3,7``.
+
+    Raises:
+        ConfigError: naming ``parallel.pipeline_partition`` and the fix.
+    """
+    if partition in ("parameters", "uniform") or (partition.startswith("type:") and len(partition) > 5):
+        return None
+    _require(
+        re.fullmatch(r"\d+(,\d+)*", partition) is not None,
+        f"parallel.pipeline_partition={partition!r} is not parameters, uniform, type:<regex> or a "
+        "comma-separated count of layers per stage such as 3,7",
+    )
+    counts = [int(part) for part in partition.split(",")]
+    _require(
+        len(counts) == stages and sum(counts) == num_layers and min(counts) >= 1,
+        f"parallel.pipeline_partition={partition} must give {stages} positive layer counts (one per stage) "
+        f"summing to the model's {num_layers} pipeline layers",
+    )
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return bounds
+
+
 @dataclass
 class ParallelConfig:
     """How the world is split. The data-parallel size is what remains: world / (tp * pp)."""
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    """Pipeline stages. Above 1, DeepSpeed's pipeline engine runs (ZeRO stage 0 or 1 only), with
+    grad_accum_steps micro-batches in flight per step."""
+    pipeline_partition: str = "parameters"
+    """How layers are cut into stages: parameters (balance parameter counts), uniform (balance
+    layer counts), type:<regex> (balance layers whose class name matches) or the number of layers
+    of each stage, such as 4,6 (see megamm/model/pipeline.py for the layer sequence)."""
     zero_stage: int = 3
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less activation memory, one more
@@ -150,12 +191,14 @@ class ParallelConfig:
             self.collective_timeout_s >= 1,
             f"{prefix}.collective_timeout_s must be >= 1 second, got {self.collective_timeout_s}",
         )
-        _require(
-            self.pipeline_parallel == 1,
-            f"{prefix}.pipeline_parallel={self.pipeline_parallel}: pipeline parallelism is not "
-            "available yet; set it to 1",
-        )
+        _require(self.pipeline_parallel >= 1, f"{prefix}.pipeline_parallel must be >= 1")
         _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage must be 0, 1, 2 or 3")
+        _require(
+            self.pipeline_parallel == 1 or self.zero_stage <= 1,
+            f"{prefix}.zero_stage={self.zero_stage} with {prefix}.pipeline_parallel={self.pipeline_parallel}: "
+            "DeepSpeed's pipeline engine runs ZeRO stages 0 and 1 only (stages 2 and 3 partition gradients "
+            f"and parameters, which its schedule does not support); set {prefix}.zero_stage=1",
+        )
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` ranks; raises if it does not divide."""
@@ -309,6 +352,15 @@ class TrainConfig:
             f"data.max_text_length={self.data.max_text_length} differs from model.text.max_length="
             f"{self.model.text.max_length}; set both to the same value",
         )
+        pp, layers = self.parallel.pipeline_parallel, self.model.num_pipeline_layers
+        _require(
+            pp <= layers,
+            f"parallel.pipeline_parallel={pp} stages but the model has {layers} pipeline layers (2 embeddings, "
+            f"{self.model.image.num_layers} image blocks, the image head, {self.model.text.num_layers} text "
+            "blocks, the text head, the temperature); use fewer stages or more layers",
+        )
+        if pp > 1:
+            pipeline_split(self.parallel.pipeline_partition, layers, pp)
         _require(self.micro_batch_size > 0, "micro_batch_size must be positive")
         _require(self.grad_accum_steps > 0, "grad_accum_steps must be positive")
         _require(self.train_steps > 0, "train_steps must be positive")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -66,22 +66,24 @@ class Throughput:
 
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
-"""The parts of a training step that :class:`StepTimer` measures."""
+"""The parts of a training step that :class:`StepTimer` measures by default (a pipeline-parallel
+step has ``data_wait`` and ``pipeline``: DeepSpeed interleaves the rest)."""
 
 
 class StepTimer:
     """Wall time per phase of one step. ``synchronize`` (the accelerator's) is called around each
     phase, and only on steps being measured, so other steps keep the device's asynchrony."""
 
-    def __init__(self, synchronize: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, synchronize: Optional[Callable[[], None]] = None, phases: Sequence[str] = PHASES) -> None:
         self._synchronize = synchronize or (lambda: None)
+        self.phases = tuple(phases)
         self.enabled = False
-        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.seconds: dict[str, float] = dict.fromkeys(self.phases, 0.0)
 
     def start(self, enabled: bool) -> None:
         """Begin a step; measure it if ``enabled``."""
         self.enabled = enabled
-        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds = dict.fromkeys(self.phases, 0.0)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -82,9 +82,14 @@ class StartPlan:
     """A checkpoint whose weights (only) start this run, when it does not resume its own."""
 
 
-def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int) -> dict[str, int]:
+def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int, pipeline_parallel: int = 1) -> dict[str, int]:
     """The parallel sizes a checkpoint is tied to."""
-    return {"world_size": world_size, "tensor_parallel": tensor_parallel, "data_parallel": data_parallel}
+    return {
+        "world_size": world_size,
+        "tensor_parallel": tensor_parallel,
+        "pipeline_parallel": pipeline_parallel,
+        "data_parallel": data_parallel,
+    }
 
 
 def resolve_resume(resume: str, checkpoint_dir: str) -> Optional[Path]:
@@ -164,6 +169,12 @@ def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -
         problems.append(
             f"data.tokenizer={config.data.tokenizer} is another SentencePiece model than the one the weights "
             "were trained with; use that one"
+        )
+    source_stages = marker.get("pipeline_parallel", 1)
+    if source_stages > 1 or config.parallel.pipeline_parallel > 1:
+        problems.append(
+            f"fine-tuning reads and starts tensor-parallel weights only (the checkpoint has {source_stages} "
+            f"pipeline stages, parallel.pipeline_parallel={config.parallel.pipeline_parallel}); use 1 for both"
         )
     source_dirs = (saved.get("checkpoint", {}).get("dir"), saved.get("logging", {}).get("tensorboard_dir"))
     for field_name, value, before in (
@@ -324,7 +335,10 @@ def preflight(
     checkpoint = resolve_resume(resume, config.checkpoint.dir)
     if checkpoint is not None:
         try:
-            check_layout(checkpoint, parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size))
+            check_layout(
+                checkpoint,
+                parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size, config.parallel.pipeline_parallel),
+            )
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
         check_resume_config(checkpoint, config, tokenizer, data_stream, restart_data)

@@ -29,13 +29,15 @@ from megamm.engine import (
     Watchdog,
     build_engine,
     check_shared_directory,
-    clamp_parameters,
+    Inputs,
+    StepRunner,
     device,
     init_distributed,
     launch_info,
     load_checkpoint,
     load_model_weights,
     loss_scale,
+    make_runner,
     save_checkpoint,
     set_aside_abandoned,
     synchronize,
@@ -45,6 +47,7 @@ from megamm.fileio import atomic_output
 from megamm.flops import image_tokens, model_flops_per_sample
 from megamm.metrics import MetricsWriter, StepTimer, Throughput, host_max_rss_gb
 from megamm.model import MultiModalTransformer
+from megamm.model.pipeline import MultiModalPipeline
 from megamm.parallel import ParallelState
 from megamm.preflight import StartPlan, parallel_layout, preflight
 
@@ -70,12 +73,9 @@ class TrainState:
     """Candidates consumed by each training stream of every data-parallel rank (stream id -> count)."""
 
 
-def _to_device(batch: Batch, target: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
-        batch["image"].to(target, non_blocking=True),
-        batch["text_ids"].to(target, non_blocking=True),
-        batch["text_mask"].to(target, non_blocking=True),
-    )
+def _inputs(batch: Batch) -> Inputs:
+    """The model's inputs of one batch, on the host (the runner moves them)."""
+    return batch["image"], batch["text_ids"], batch["text_mask"]
 
 
 def _dp_sum(values: list[float], parallel: ParallelState) -> list[float]:
@@ -109,7 +109,7 @@ def _any_rank(flag: bool, parallel: ParallelState) -> bool:
 
 
 def evaluate_retrieval(
-    engine: Any,
+    runner: StepRunner,
     batches: Iterable[Batch],
     parallel: ParallelState,
     placeholder: Batch,
@@ -121,27 +121,34 @@ def evaluate_retrieval(
     may hold different numbers of batches. Every data-parallel rank runs the same number of
     forward passes, because ZeRO-3 gathers weights collectively: each round one small
     all-reduce says whether any rank still has a batch, and a rank without one embeds
-    ``placeholder`` and drops the result. Returns the metrics and the number of pairs scored.
+    ``placeholder`` and drops the result. Returns the metrics and the number of pairs scored,
+    on every rank (under pipeline parallelism the last stage scores, and shares the result).
     Non-finite embeddings (a diverged run) count as misses and are reported in the log.
     ``progress`` is called every round (a watchdog's heartbeat).
     """
-    target = device()
     local_images: list[torch.Tensor] = []
     local_texts: list[torch.Tensor] = []
     iterator = iter(batches)
-    engine.eval()
-    with torch.no_grad():
-        while True:
-            if progress is not None:
-                progress()
-            batch = next(iterator, None)
-            if not _any_rank(batch is not None, parallel):
-                break
-            out = engine(*_to_device(batch if batch is not None else placeholder, target), compute_loss=False)
-            if batch is not None:
-                local_images.append(out["image_emb"].float().cpu())  # (B, E)
-                local_texts.append(out["text_emb"].float().cpu())  # (B, E)
-    engine.train()
+    scored_here = True
+    while True:
+        if progress is not None:
+            progress()
+        batch = next(iterator, None)
+        if not _any_rank(batch is not None, parallel):
+            break
+        embeddings = runner.embed(_inputs(batch if batch is not None else placeholder))
+        scored_here = embeddings is not None
+        if batch is not None and embeddings is not None:
+            local_images.append(embeddings[0].float().cpu())  # (B, E)
+            local_texts.append(embeddings[1].float().cpu())  # (B, E)
+    result = _score(local_images, local_texts, parallel) if scored_here else None
+    return runner.share(result)
+
+
+def _score(
+    local_images: list[torch.Tensor], local_texts: list[torch.Tensor], parallel: ParallelState
+) -> tuple[dict[str, float], int]:
+    """Retrieval metrics over every data-parallel rank's embeddings (collective over the group)."""
     parts = _dp_gather((local_images, local_texts), parallel)
     images = torch.cat([tensor for rank_images, _ in parts for tensor in rank_images] or [torch.empty(0)])  # (N, E)
     texts = torch.cat([tensor for _, rank_texts in parts for tensor in rank_texts] or [torch.empty(0)])  # (N, E)
@@ -162,7 +169,7 @@ class Trainer:
 
     def __init__(
         self,
-        engine: Any,
+        runner: StepRunner,
         config: TrainConfig,
         parallel: ParallelState,
         batches: Iterator[Batch],
@@ -174,7 +181,8 @@ class Trainer:
         stop: Optional[StopRequest] = None,
         watchdog: Optional[Watchdog] = None,
     ) -> None:
-        self.engine = engine
+        self.runner = runner
+        self.engine = runner.engine
         self.config = config
         self.parallel = parallel
         self.batches = batches
@@ -207,14 +215,18 @@ class Trainer:
         """Image and (unpadded) text tokens this rank has trained on since the last log line."""
         self.epoch_here = 0
         """The pass over its shards that this rank's latest batch came from."""
-        self.timer = StepTimer(synchronize if self.device.type != "cpu" else None)
+        self.timer = StepTimer(synchronize if self.device.type != "cpu" else None, ("data_wait", *runner.phases))
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum_steps`` micro batches; returns the mean local loss."""
-        total = 0.0
+        """One optimizer step over ``grad_accum_steps`` micro batches; returns the mean local loss.
+
+        Every rank (every pipeline stage too) takes the step's micro-batches from its loader, so
+        all ranks of a data-parallel rank keep the same data position.
+        """
         upcoming = self.state.step + 1
         self._progress(f"training step {upcoming}")
         self.timer.start(upcoming % self.config.logging.log_interval == 0 or upcoming == self.config.train_steps)
+        micro_batches = []
         for _ in range(self.config.grad_accum_steps):
             with self.timer.phase("data_wait"):
                 batch = next(self.batches)
@@ -222,17 +234,10 @@ class Trainer:
             self.epoch_here = int(batch.get("epoch", 0))
             self.skipped_here += int(batch.get("skipped", 0))
             self.tokens_here += int(batch["text_mask"].sum()) + self.image_tokens * len(batch["keys"])
-            with self.timer.phase("forward"):
-                loss = self.engine(*_to_device(batch, self.device))["loss"]
-            with self.timer.phase("backward"):
-                self.engine.backward(loss)
-            with self.timer.phase("optimizer"):
-                self.engine.step()
-            total += loss.item()
-        with self.timer.phase("optimizer"):
-            clamp_parameters(self.engine)  # the logit scale, after the optimizer step
+            micro_batches.append(_inputs(batch))
+        loss = self.runner.train_step(micro_batches, self.timer.phase)
         self.state.step += 1
-        return total / self.config.grad_accum_steps
+        return loss
 
     def fit(self) -> dict[str, float]:
         cfg = self.config
@@ -316,7 +321,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         doing = f"evaluating at step {self.state.step}"
         metrics, self.eval_samples = evaluate_retrieval(
-            self.engine, self.eval_batches(), self.parallel, self.placeholder, lambda: self._progress(doing)
+            self.runner, self.eval_batches(), self.parallel, self.placeholder, lambda: self._progress(doing)
         )
         self.writer.scalars({f"eval/{name}": value for name, value in metrics.items()}, self.state.step)
         self.writer.flush()
@@ -445,6 +450,32 @@ def run_pretraining(
             lock.release()
 
 
+def _build_model(config: TrainConfig, parallel: ParallelState) -> torch.nn.Module:
+    """The dual encoder, or this stage's layers of its pipeline form; the same weights either way."""
+    torch.manual_seed(config.seed)
+    model: torch.nn.Module
+    if parallel.pp_size > 1:
+        model = MultiModalPipeline(config.model, parallel, config.parallel.pipeline_partition)
+    else:
+        model = MultiModalTransformer(config.model, parallel)
+    model.set_activation_checkpointing(config.parallel.activation_checkpointing)  # type: ignore[operator]
+    local = sum(p.numel() for p in model.parameters())
+    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
+    counts = torch.tensor([local + (parallel.tp_size - 1) * sharded], dtype=torch.float64)
+    if parallel.pp_size > 1:
+        dist.all_reduce(counts, group=parallel.pp_group)  # every stage's layers
+        stages = ", ".join(f"{first}-{stop - 1}" for first, stop in model.stage_layers())  # type: ignore[operator]
+        log.info("pipeline: %d stages of layers %s (parallel.pipeline_partition=%s)", parallel.pp_size, stages,
+                 config.parallel.pipeline_partition)
+    log.info(
+        "model: %.2fM parameters (%.2fM on each %s rank, before ZeRO)",
+        counts.item() / 1e6,
+        local / 1e6,
+        "stage's tensor-parallel" if parallel.pp_size > 1 else "tensor-parallel",
+    )
+    return model
+
+
 def _train(
     config: TrainConfig, plan: StartPlan, info: LaunchInfo, lock: Optional[RunLock], stop: StopRequest
 ) -> dict[str, float]:
@@ -452,7 +483,9 @@ def _train(
     check_shared_directory(config.checkpoint.dir)
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
     zero_stage = plan.ds_config["zero_optimization"]["stage"]
-    log.info("%d ranks: tp=%d dp=%d zero=%d", info.world_size, parallel.tp_size, plan.dp_size, zero_stage)
+    log.info(
+        "%d ranks: tp=%d pp=%d dp=%d zero=%d", info.world_size, parallel.tp_size, parallel.pp_size, plan.dp_size, zero_stage
+    )
     log.info("hosts: %s", _rank_hosts(info.world_size))
     if zero_stage != config.parallel.zero_stage:
         log.info(
@@ -462,17 +495,12 @@ def _train(
             zero_stage,
         )
 
-    torch.manual_seed(config.seed)
-    model = MultiModalTransformer(config.model, parallel)
-    model.set_activation_checkpointing(config.parallel.activation_checkpointing)
-    local = sum(p.numel() for p in model.parameters())
-    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
-    full = local + (parallel.tp_size - 1) * sharded
-    log.info("model: %.2fM parameters (%.2fM on each tensor-parallel rank, before ZeRO)", full / 1e6, local / 1e6)
+    model = _build_model(config, parallel)
     if plan.init_from is not None:
         model.load_state_dict(load_model_weights(plan.init_from, parallel.tp_rank))
         log.info("weights from %s (optimizer, schedule and step counter start afresh)", plan.init_from)
     engine = build_engine(model, config.optim, config.train_steps, plan.ds_config, parallel)
+    runner = make_runner(engine, parallel)
 
     state = TrainState()
     if plan.resume_from is not None:
@@ -497,7 +525,7 @@ def _train(
         config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start
     )
     marker = {
-        **parallel_layout(info.world_size, parallel.tp_size, parallel.dp_size),
+        **parallel_layout(info.world_size, parallel.tp_size, parallel.dp_size, parallel.pp_size),
         "config": to_dict(config),
         "tokenizer_sha256": plan.tokenizer.fingerprint,
         "data_stream": plan.data_stream,
@@ -510,7 +538,7 @@ def _train(
 
     batches = iter(loader)  # forks the loader workers, before the watchdog's threads exist
     watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("waiting for the first batch")
-    trainer = Trainer(engine, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog)
+    trainer = Trainer(runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog)
     try:
         if plan.init_from is not None:
             trainer.evaluate()  # the starting weights, at step 0

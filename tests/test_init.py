@@ -78,10 +78,10 @@ def test_weight_scales_follow_fan_in() -> None:
         block.mlp.up.weight: 1 / math.sqrt(256),
         block.attn.out.weight: 1 / math.sqrt(256) / math.sqrt(2 * 3),
         block.mlp.down.weight: 1 / math.sqrt(1024) / math.sqrt(2 * 3),
-        model.image_encoder.patch_embedding.weight: 1 / math.sqrt(3 * 4 * 4),
+        model.image_encoder.embedding.patch_embedding.weight: 1 / math.sqrt(3 * 4 * 4),
         model.text_projection.linear.weight: 1 / math.sqrt(256),
-        model.text_encoder.token_embedding.weight: 1.0,
-        model.text_encoder.position_embedding: 0.02,
+        model.text_encoder.embedding.token_embedding.weight: 1.0,
+        model.text_encoder.embedding.position_embedding: 0.02,
     }
     for weight, std in expected.items():
         assert weight.std().item() == pytest.approx(std, rel=0.05), tuple(weight.shape)

@@ -31,6 +31,7 @@ from megamm.engine.distributed import (
 from megamm.engine.ds_config import build_ds_config, load_template
 from megamm.engine.preemption import STOP_SIGNALS, Preempted, StopRequest
 from megamm.engine.runlock import DirectoryLocked, LockLost, RunLock
+from megamm.engine.runner import Inputs, PipelineRunner, PlainRunner, StepRunner, make_runner
 from megamm.engine.watchdog import Watchdog
 
 __all__ = [
@@ -39,10 +40,14 @@ __all__ = [
     "STOP_SIGNALS",
     "CheckpointSaveError",
     "DirectoryLocked",
+    "Inputs",
     "LaunchInfo",
     "LockLost",
+    "PipelineRunner",
+    "PlainRunner",
     "Preempted",
     "RunLock",
+    "StepRunner",
     "StopRequest",
     "Watchdog",
     "build_ds_config",
@@ -64,6 +69,7 @@ __all__ = [
     "load_model_weights",
     "load_template",
     "loss_scale",
+    "make_runner",
     "prepare_rendezvous",
     "read_marker",
     "save_checkpoint",

@@ -50,8 +50,11 @@ def build_engine(
     """Wrap ``model`` in a DeepSpeed engine with AdamW and a warmup-cosine schedule.
 
     The optimizer and schedule are ours (torch AdamW, LambdaLR), so they behave the same on
-    every accelerator; DeepSpeed saves and restores both with its checkpoints.
+    every accelerator; DeepSpeed saves and restores both with its checkpoints. A
+    ``PipelineModule`` gets a ``PipelineEngine``, which takes its grid from the module (our
+    ``ParallelState`` describes the same groups).
     """
+    pipeline = isinstance(model, deepspeed.PipelineModule)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
     )
@@ -63,7 +66,7 @@ def build_engine(
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=ds_config,
-        mpu=parallel if parallel.world_size > 1 else None,
+        mpu=parallel if parallel.world_size > 1 and not pipeline else None,
     )
     return engine
 

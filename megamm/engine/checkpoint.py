@@ -285,7 +285,7 @@ def read_marker(path: str | Path) -> dict[str, Any]:
 
 def check_layout(path: str | Path, layout: dict[str, int]) -> None:
     """Raise if checkpoint ``path`` was written with other parallel sizes than ``layout``."""
-    saved = read_marker(path)
+    saved = {"pipeline_parallel": 1, **read_marker(path)}  # markers from before pipelines have no such key
     differing = {key: (saved.get(key), value) for key, value in layout.items() if saved.get(key) != value}
     if differing:
         details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differing.items())

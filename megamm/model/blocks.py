@@ -61,18 +61,30 @@ class TransformerBlock(nn.Module):
 class TransformerStack(nn.Module):
     """``num_layers`` blocks followed by a final LayerNorm.
 
+    Block ``i`` draws its weights in the random stream of the piece ``"{name}.block.{i}"``
+    (:meth:`WeightInit.seeded`), as the pipeline's layers do.
+
     With ``activation_checkpointing`` on, training keeps only each block's input and recomputes
     the block in the backward pass (:func:`megamm.parallel.checkpoint`, which replays the random
     streams), trading one more forward pass for the activations' memory.
     """
 
     def __init__(
-        self, hidden_size: int, num_layers: int, num_heads: int, ffn_size: int, group: ProcessGroup, init: WeightInit
+        self,
+        name: str,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_size: int,
+        group: ProcessGroup,
+        init: WeightInit,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, ffn_size, group, init, num_layers) for _ in range(num_layers)
-        )
+        blocks = []
+        for index in range(num_layers):
+            with init.seeded(f"{name}.block.{index}"):
+                blocks.append(TransformerBlock(hidden_size, num_heads, ffn_size, group, init, num_layers))
+        self.layers = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(hidden_size)
         self.activation_checkpointing = False
 

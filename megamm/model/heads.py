@@ -12,12 +12,16 @@ from megamm.parallel.mappings import ProcessGroup
 
 
 class Projection(nn.Module):
-    """Linear map into the shared embedding space, then L2 normalisation. (B, H) -> (B, E)."""
+    """Linear map into the shared embedding space, then L2 normalisation. (B, H) -> (B, E).
 
-    def __init__(self, hidden_size: int, embed_dim: int, init: WeightInit) -> None:
+    Its weight is drawn in the random stream of the piece ``"{modality}.projection"``.
+    """
+
+    def __init__(self, modality: str, hidden_size: int, embed_dim: int, init: WeightInit) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, embed_dim, bias=False)
-        init.linear(hidden_size)(self.linear.weight)
+        with init.seeded(f"{modality}.projection"):
+            self.linear = nn.Linear(hidden_size, embed_dim, bias=False)
+            init.linear(hidden_size)(self.linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.linear(x), dim=-1)

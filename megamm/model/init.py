@@ -17,12 +17,23 @@ Position embeddings use ``model.init_std`` in both schemes; class tokens start a
 
 Fan-in is always that of the full (unsharded) weight: tensor-parallel layers draw their full
 master weight and slice it, so any tensor-parallel size gives the same model.
+
+Each piece of the model (an embedding, one transformer block, a projection) draws its weights
+from its own random stream, seeded by ``(seed, name of the piece)`` (:meth:`WeightInit.seeded`).
+A piece's weights therefore do not depend on which other pieces were built before it: a
+pipeline stage that builds only its own layers gets the same weights as one process building
+the whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
+
+import torch
 
 from megamm.config import INIT_SCHEMES
 from megamm.parallel import normal_init
@@ -38,10 +49,24 @@ class WeightInit:
     """The fixed scheme's std; position embeddings' std in both schemes."""
     token_embedding_std: float = 1.0
     """Token embeddings' std (both schemes)."""
+    seed: int = 0
+    """Base seed of every piece's random stream (see :meth:`seeded`)."""
 
     def __post_init__(self) -> None:
         if self.scheme not in INIT_SCHEMES:
             raise ValueError(f"init scheme {self.scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
+
+    @contextlib.contextmanager
+    def seeded(self, piece: str) -> Iterator[None]:
+        """Draw the weights of ``piece`` (e.g. ``"text.block.3"``) from its own CPU random stream.
+
+        The stream is seeded by a hash of ``(seed, piece)``; the global random state is restored
+        afterwards, so building a piece neither depends on nor disturbs what came before.
+        """
+        digest = hashlib.sha256(f"{self.seed}:{piece}".encode()).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            yield
 
     def linear_std(self, fan_in: int) -> float:
         """Std of a matrix that reads ``fan_in`` features."""

@@ -15,18 +15,26 @@ from megamm.model.init import WeightInit
 from megamm.parallel import ParallelState
 
 
+def weight_init(config: ModelConfig, seed: Optional[int] = None) -> WeightInit:
+    """The model's initialisation; ``seed=None`` draws the base seed from torch's global generator
+    (so ``torch.manual_seed(s)`` before building fixes the model, as for any torch module)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return WeightInit(config.init, config.init_std, config.token_embedding_std, seed)
+
+
 class MultiModalTransformer(nn.Module):
     """CLIP-style dual encoder, tensor-parallel inside the encoders.
 
-    Build it under the same seed on every rank: all weights are initialised from full master
-    tensors, so any tensor-parallel size gives the same model.
+    Every weight is drawn from ``seed`` (:func:`weight_init`) as a full master tensor, so any
+    tensor-parallel or pipeline-parallel layout of the same seed gives the same model.
     """
 
-    def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None) -> None:
+    def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None, seed: Optional[int] = None) -> None:
         super().__init__()
         parallel = parallel or ParallelState.single()
         text, image = config.text, config.image
-        init = WeightInit(config.init, config.init_std, config.token_embedding_std)
+        init = weight_init(config, seed)
         self.text_encoder = TextEncoder(
             vocab_size=text.vocab_size,
             max_length=text.max_length,
@@ -48,8 +56,8 @@ class MultiModalTransformer(nn.Module):
             group=parallel.tp_group,
             init=init,
         )
-        self.text_projection = Projection(text.hidden_size, config.embed_dim, init)
-        self.image_projection = Projection(image.hidden_size, config.embed_dim, init)
+        self.text_projection = Projection("text", text.hidden_size, config.embed_dim, init)
+        self.image_projection = Projection("image", image.hidden_size, config.embed_dim, init)
         self.contrastive = ContrastiveHead(config.logit_scale_init, config.logit_scale_max, parallel.dp_group)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:

@@ -1,0 +1,130 @@
+"""One interface over DeepSpeed's two engines, so that one training loop drives both.
+
+:class:`PlainRunner` runs micro-batches through a ``DeepSpeedEngine`` (forward, backward and
+step each); :class:`PipelineRunner` hands them to a ``PipelineEngine``'s ``train_batch``, which
+schedules forward and backward passes over the stages and steps once. The loop
+(``megamm.train.Trainer``) sees only :class:`StepRunner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megamm.engine.builder import clamp_parameters
+from megamm.engine.distributed import device
+from megamm.parallel import ParallelState, layout
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""images (B, C, S, S), text_ids (B, T), text_mask (B, T) bool, on the host."""
+Phase = Callable[[str], ContextManager[None]]
+
+
+def _no_phase(name: str) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+class StepRunner:
+    """Trains on and embeds batches with a DeepSpeed engine; every rank calls every method."""
+
+    phases: tuple[str, ...] = ()
+    """The phases :meth:`train_step` reports (besides the loop's own ``data_wait``)."""
+
+    def __init__(self, engine: Any, parallel: ParallelState) -> None:
+        self.engine = engine
+        self.parallel = parallel
+        self.device = device()
+
+    def train_step(self, micro_batches: Sequence[Inputs], phase: Phase = _no_phase) -> float:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean loss
+        of this data-parallel rank (under pipeline parallelism, already averaged over ranks)."""
+        raise NotImplementedError
+
+    def embed(self, inputs: Inputs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """L2-normalised (image_emb, text_emb) (B, E) of one batch, without gradients, on the ranks
+        that compute them (all ranks, or a pipeline's last stage); None elsewhere."""
+        raise NotImplementedError
+
+    def share(self, value: Any) -> Any:
+        """``value`` as computed on the ranks :meth:`embed` returns embeddings on, on every rank."""
+        return value
+
+    def _to_device(self, inputs: Inputs) -> Inputs:
+        return tuple(tensor.to(self.device, non_blocking=True) for tensor in inputs)  # type: ignore[return-value]
+
+
+class PlainRunner(StepRunner):
+    """A ``DeepSpeedEngine`` (data and tensor parallelism, any ZeRO stage)."""
+
+    phases = ("forward", "backward", "optimizer")
+
+    def train_step(self, micro_batches: Sequence[Inputs], phase: Phase = _no_phase) -> float:
+        total = 0.0
+        for inputs in micro_batches:
+            with phase("forward"):
+                loss = self.engine(*self._to_device(inputs))["loss"]
+            with phase("backward"):
+                self.engine.backward(loss)
+            with phase("optimizer"):
+                self.engine.step()  # DeepSpeed steps at the last micro-batch only
+            total += loss.item()
+        with phase("optimizer"):
+            clamp_parameters(self.engine)  # the logit scale, after the optimizer step
+        return total / len(micro_batches)
+
+    def embed(self, inputs: Inputs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        self.engine.eval()
+        with torch.no_grad():
+            out = self.engine(*self._to_device(inputs), compute_loss=False)
+        self.engine.train()
+        return out["image_emb"], out["text_emb"]
+
+
+class PipelineRunner(StepRunner):
+    """A ``PipelineEngine`` (pipeline x data x tensor parallelism, ZeRO stage 0 or 1).
+
+    Every stage is handed the same micro-batches (the first stage reads the inputs, the last
+    the placeholder labels); the loss comes back from the last stage, averaged over data-parallel
+    ranks, on every rank.
+    """
+
+    phases = ("pipeline",)
+
+    def train_step(self, micro_batches: Sequence[Inputs], phase: Phase = _no_phase) -> float:
+        data = iter([(inputs, torch.zeros(1)) for inputs in micro_batches])
+        with phase("pipeline"):
+            loss = self.engine.train_batch(data)
+            clamp_parameters(self.engine)
+        return float(loss)
+
+    def embed(self, inputs: Inputs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        data = iter([(inputs, torch.zeros(1))])
+        # eval_batch sums its outputs into the loss total that the last train_batch left (a
+        # scalar); our outputs are a tuple, so start the total afresh (train_batch does too).
+        self.engine.total_loss = None
+        _, outputs = self.engine.eval_batch(
+            data, return_logits=True, compute_loss=False, reduce_output=None, num_micro_batches=1
+        )
+        self.engine.train()
+        if not self.engine.is_last_stage():
+            return None
+        image_emb, text_emb, _ = outputs
+        return image_emb, text_emb
+
+    def share(self, value: Any) -> Any:
+        p = self.parallel
+        source = layout.coords_to_rank(layout.Coordinates(p.pp_size - 1, 0, 0), p.world_size, p.tp_size, p.pp_size)
+        box = [value if p.rank == source else None]
+        dist.broadcast_object_list(box, src=source)
+        return box[0]
+
+
+def make_runner(engine: Any, parallel: ParallelState) -> StepRunner:
+    """The runner for ``engine``: a pipeline one when the model is split into stages."""
+    return PipelineRunner(engine, parallel) if parallel.pp_size > 1 else PlainRunner(engine, parallel)
+
+
+__all__ = ["Inputs", "PipelineRunner", "PlainRunner", "StepRunner", "make_runner"]

@@ -113,6 +113,14 @@ class ModelConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     """Initial log temperature of the contrastive loss (CLIP uses log(1/0.07))."""
     logit_scale_max: float = math.log(100.0)
+    dropout: float = 0.0
+    """Dropout probability of the hidden states: on the embeddings' output and on the attention and
+    MLP outputs before they join the residual stream (0: off). Drawn from the random stream that
+    every tensor-parallel rank shares, or from each rank's own under sequence parallelism, where
+    the ranks hold different slices of the sequence (megamm.parallel.random)."""
+    attention_dropout: float = 0.0
+    """Dropout probability of the attention probabilities (0: off), drawn from each tensor-parallel
+    rank's own random stream, since each rank holds its own heads."""
 
     @property
     def num_pipeline_layers(self) -> int:
@@ -133,6 +141,12 @@ class ModelConfig:
             self.token_embedding_std > 0,
             f"{prefix}.token_embedding_std must be positive, got {self.token_embedding_std}",
         )
+        for name in ("dropout", "attention_dropout"):
+            p = getattr(self, name)
+            _require(
+                0.0 <= p < 1.0,
+                f"{prefix}.{name}={p} is not a probability in [0, 1); use 0 to turn it off, e.g. {prefix}.{name}=0.1",
+            )
 
 
 def pipeline_split(partition: str, num_layers: int, stages: int) -> Optional[list[int]]:
@@ -179,6 +193,14 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less activation memory, one more
     forward pass); the numbers do not change."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: outside the tensor-parallel regions (LayerNorms, dropout,
+    residuals) each tensor-parallel rank holds a slice of the sequence, so their activations take
+    1/tensor_parallel of the memory; an all-gather enters each column-parallel layer and a
+    reduce-scatter leaves each row-parallel one, in place of tensor parallelism's all-reduces. A
+    stream whose length is not a multiple of tensor_parallel is padded with positions that attention
+    ignores and pooling drops. Without dropout it computes what tensor parallelism alone computes.
+    A no-op at tensor_parallel=1."""
     collective_timeout_s: float = 1800.0
     """How long a rank may wait without progress (a step, an evaluation round, a save) before it
     fails the job; also the process group's collective timeout. A rank that dies ends the job at
@@ -227,6 +249,11 @@ class DataConfig:
     """DataLoader worker processes per rank; shards are split over dp ranks x workers."""
     shuffle_buffer: int = 256
     """Samples held for in-stream shuffling (0 disables shuffling)."""
+    global_batches: bool = False
+    """Every data-parallel rank reads all the streams a single rank would read and keeps its rows of
+    each global micro-batch (micro_batch_size x data-parallel size), so the training batches are the
+    same at any data-parallel size: for layout parity checks and for resuming at another
+    data-parallel size with the exact data position. Costs data-parallel-size times the decoding."""
     seed: int = 1234
 
     def validate(self, prefix: str = "data") -> None:

@@ -203,6 +203,24 @@ def test_tensor_parallel_peers_get_identical_batches(demo: Path, tokenizer: Toke
     assert batch_keys(reseeded) != batch_keys(first), "the seed does not change the order"
 
 
+def test_global_batches_are_the_same_at_any_data_parallel_size(demo: Path, tokenizer: Tokenizer) -> None:
+    """data.global_batches: rank r of dp keeps rows [r*B, (r+1)*B) of the single rank's batch of dp*B,
+    at every step; a resumed rank continues from the single rank's position."""
+    cfg = data_cfg(demo, num_workers=2, global_batches=True)
+    whole = take(build_train_loader(cfg, tokenizer, 0, 1, 8), 12)
+    for dp_size in (2, 4):
+        per_rank = 8 // dp_size
+        shares = [take(build_train_loader(cfg, tokenizer, r, dp_size, per_rank), 12) for r in range(dp_size)]
+        for step, batch in enumerate(whole):
+            parts = [share[step] for share in shares]
+            assert [key for part in parts for key in part["keys"]] == batch["keys"]
+            for name in ("image", "text_ids", "text_mask"):
+                assert torch.equal(torch.cat([part[name] for part in parts]), batch[name]), name
+            assert parts[0]["position"] == batch["position"] and parts[0]["stream"] == batch["stream"]
+    resumed = take(build_train_loader(cfg, tokenizer, 1, 2, 4, position_after(whole[:5])), 7)
+    assert [b["keys"] for b in resumed] == [b["keys"][4:] for b in whole[5:]]
+
+
 @pytest.mark.parametrize(("num_workers", "start_batch"), [(0, 5), (0, 25), (2, 3), (2, 25)])
 def test_resume_equals_dropping_batches(
     demo: Path, tokenizer: Tokenizer, num_workers: int, start_batch: int

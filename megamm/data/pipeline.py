@@ -363,8 +363,10 @@ def _check_loader_args(dp_rank: int, dp_size: int, micro_batch_size: int, start:
 
 
 def check_shard_count(shards: list[str], cfg: DataConfig, dp_size: int) -> None:
-    """Refuse fewer training shards than streams (``dp_size`` ranks x loader workers)."""
+    """Refuse fewer training shards than streams (``dp_size`` ranks x loader workers; one rank's
+    workers under ``data.global_batches``)."""
     workers = max(cfg.num_workers, 1)
+    dp_size = 1 if cfg.global_batches else dp_size
     if len(shards) < dp_size * workers:
         raise ConfigError(
             f"data.train_shards={cfg.train_shards!r} has {len(shards)} shards, but {dp_size} data-parallel "
@@ -403,9 +405,36 @@ def build_train_loader(
     _check_loader_args(dp_rank, dp_size, micro_batch_size, start)
     shards = expand_shards(cfg.train_shards, "data.train_shards")
     check_shard_count(shards, cfg, dp_size)
-    dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start)
+    if cfg.global_batches:
+        dataset = _TrainStreams(cfg, shards, tokenizer, 0, 1, micro_batch_size * dp_size, start)
+    else:
+        dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start)
     init = _ignore_scheduler_signals if cfg.num_workers > 0 else None
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=init)
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=init)
+    return _RowsOf(loader, dp_rank, micro_batch_size) if cfg.global_batches else loader
+
+
+class _RowsOf:
+    """Data-parallel rank ``dp_rank``'s rows of every global micro-batch (``data.global_batches``).
+
+    The skip count is reported by rank 0 only, so that its sum over ranks counts each bad sample once.
+    """
+
+    def __init__(self, loader: DataLoader, dp_rank: int, micro_batch_size: int) -> None:
+        self.loader = loader
+        self.dp_rank = dp_rank
+        self.rows = slice(dp_rank * micro_batch_size, (dp_rank + 1) * micro_batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            yield {
+                **batch,
+                "image": batch["image"][self.rows],
+                "text_ids": batch["text_ids"][self.rows],
+                "text_mask": batch["text_mask"][self.rows],
+                "keys": batch["keys"][self.rows],
+                "skipped": batch["skipped"] if self.dp_rank == 0 else 0,
+            }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,10 +504,13 @@ def data_stream_settings(cfg: DataConfig, shards: list[str]) -> dict[str, Any]:
     keeps a position valid; ``micro_batch_size`` is absent because positions count samples.
     """
     names = "\n".join(os.path.basename(path) for path in shards)
-    return {
+    settings: dict[str, Any] = {
         "shards": len(shards),
         "shard_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest(),
         "loader_workers": max(cfg.num_workers, 1),
         "seed": cfg.seed,
         "shuffle_buffer": cfg.shuffle_buffer,
     }
+    if cfg.global_batches:  # other streams (recorded only when set, so older positions stay valid)
+        settings["global_batches"] = True
+    return settings

@@ -28,6 +28,7 @@ OWNED_SECTIONS = {
     "optimizer": "optim.* (megamm builds AdamW itself)",
     "scheduler": "optim.warmup_steps / optim.min_lr_ratio (megamm builds the schedule itself)",
     "tensorboard": "logging.tensorboard_dir (megamm writes TensorBoard itself)",
+    "pipeline": "parallel.pipeline_parallel / parallel.pipeline_partition (megamm sets the pipeline engine up itself)",
 }
 
 
@@ -114,6 +115,10 @@ def build_ds_config(template: dict[str, Any], config: TrainConfig, dp_size: int)
     ds.setdefault("zero_optimization", {})["stage"] = effective_zero_stage(config.parallel.zero_stage, world_size)
     for precision in ("bf16", "fp16"):
         ds[precision] = {**template.get(precision, {}), "enabled": config.precision == precision}
+    if config.parallel.pipeline_parallel > 1:
+        # Stages pass a tuple of streams that all need gradients; DeepSpeed's partitioning of
+        # activations over the tensor-parallel group handles a single such tensor only.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds

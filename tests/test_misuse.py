@@ -101,6 +101,16 @@ CASES = [
     ("resume-other-model", {"model__text__num_layers": "3"}, ["global_step4 was saved with other settings", "model.text.num_layers 2 -> 3"]),
     ("resume-other-lr", {"optim__lr": "0.005"}, ["optim.lr 0.002 -> 0.005", "silently ignored"]),
     ("master-port-in-use", {"env": {"MASTER_PORT": "{port}"}}, ["MASTER_PORT={port} on MASTER_ADDR=127.0.0.1 is already in use"]),
+    ("pipeline-with-zero3", {"parallel__pipeline_parallel": "2"},
+     ["parallel.zero_stage=3 with parallel.pipeline_parallel=2", "runs ZeRO stages 0 and 1 only", "set parallel.zero_stage=1"]),
+    ("more-stages-than-layers", {"parallel__pipeline_parallel": "12", "parallel__zero_stage": "1"},
+     ["parallel.pipeline_parallel=12 stages but the model has 9 pipeline layers", "use fewer stages or more layers"]),
+    ("pipeline-split-wrong-sum", {"parallel__pipeline_parallel": "2", "parallel__zero_stage": "1", "parallel__pipeline_partition": "4,4"},
+     ["parallel.pipeline_partition=4,4 must give 2 positive layer counts", "the model's 9 pipeline layers"]),
+    ("pipeline-split-unknown", {"parallel__pipeline_parallel": "2", "parallel__zero_stage": "1", "parallel__pipeline_partition": "balanced"},
+     ["parallel.pipeline_partition='balanced' is not parameters, uniform, type:<regex>"]),
+    ("stages-do-not-divide-the-world", {"parallel__pipeline_parallel": "2", "parallel__zero_stage": "1"},
+     ["world size 1 is not divisible by parallel.tensor_parallel=1 x parallel.pipeline_parallel=2"]),
 ]
 
 
@@ -119,7 +129,8 @@ def _case_files(tmp: Path) -> None:
 
 
 # Cases also tried on a fresh run directory, which a refused start must not create.
-ALSO_FRESH = {"too-few-shards", "eval-shards-missing", "fp16-on-cpu", "master-port-in-use", "template-stage-1"}
+ALSO_FRESH = {"too-few-shards", "eval-shards-missing", "fp16-on-cpu", "master-port-in-use", "template-stage-1",
+              "pipeline-with-zero3"}
 PARAMS = [
     pytest.param(changes, fragments, state, id=f"{name}-{state}")
     for name, changes, fragments in CASES

@@ -1,0 +1,59 @@
+"""tools/bench_parallel.py end to end at tiny sizes: both parts' files, and measured bytes equal predicted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import ROOT, run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_parallel_writes_both_parts(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    command = [
+        sys.executable, str(ROOT / "tools/bench_parallel.py"), "--out", str(out),
+        "--batch", "2", "--seq", "8", "--hidden", "16", "--heads", "4", "--ffn", "32", "--vocab", "64",
+        "--repeats", "2", "--iters", "2", "--warmup", "1", "--min-seconds", "0", "--threads", "1",
+        "--tp", "2", "4", "--comm-steps", "2",
+    ]  # fmt: skip
+    result = run(command, tmp_path / "bench.log", timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["parts"]) == {"layers", "comm"}
+    layers = results["parts"]["layers"]["layers"]
+    assert set(layers) == {"mlp", "attention", "embedding", "embedding_checked", "block"}
+    for name, entry in layers.items():
+        assert len(entry["ratio"]) == 2, name
+        for ours, plain, ratio in zip(entry["megamm_ms"], entry["plain_ms"], entry["ratio"]):
+            assert ratio == pytest.approx(ours / plain, rel=1e-9), name
+        assert entry["max_abs_output_difference"] < 1e-5, f"{name}: the two sides compute different things"
+
+    activation = 2 * 8 * 16 * 4  # bytes of one (B, T, H) fp32 activation
+    runs = {(r["tp"], r["sequence_parallel"]): r for r in results["parts"]["comm"]["runs"]}
+    assert set(runs) == {(2, False), (2, True), (4, False), (4, True)}
+    for (tp, sp), entry in runs.items():
+        assert entry["matches_prediction"] and entry["steps_identical"], (tp, sp)
+        assert len(entry["step_ms"]) == 2
+        measured, predicted = entry["measured"], entry["predicted"]
+        payload = (8 if sp else 4) * activation
+        assert measured["total"]["payload_bytes"] == predicted["total"]["payload_bytes"] == payload
+        if not sp:  # exactly Megatron's 4 all-reduces, bytes on the wire included
+            assert measured == predicted
+            assert measured["all_reduce"]["ring_bytes"] == 4 * 2 * (tp - 1) / tp * activation
+        else:  # gloo: the 4 reduce-scatters ran as all-reduces of the same tensors
+            assert predicted["all_gather"]["count"] == predicted["reduce_scatter"]["count"] == 4
+            assert measured["all_gather"] == predicted["all_gather"]
+            assert measured["all_reduce"]["payload_bytes"] == predicted["reduce_scatter"]["payload_bytes"]
+            assert "reduce_scatter" not in measured
+
+    report = (out / "results.md").read_text()
+    for text in ("## Layer overhead at TP=1", "## Communication against Megatron's analysis", "TransformerBlock"):
+        assert text in report
+    for figure in ("layers.png", "comm.png"):
+        assert (out / figure).read_bytes()[:8] == PNG, figure

@@ -486,6 +486,7 @@ def plot_comm(section: dict[str, Any], path: Path) -> None:
         ax.bar([i - 0.2 for i in x], measured, width=0.4, label="measured (CommCounter)", color="#1f77b4")
         ax.bar([i + 0.2 for i in x], predicted, width=0.4, label="predicted (Megatron)", color="#aaaaaa")
         ax.set_xticks(x, labels)
+        ax.set_ylim(0, 1.3 * max(measured + predicted))  # room for the legend
         ax.set_ylabel("MB per rank per step")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)

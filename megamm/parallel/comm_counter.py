@@ -2,10 +2,11 @@
 
 :class:`CommCounter` replaces torch.distributed's collective functions for the duration of a ``with``
 block and records every call: which function ran, on how many ranks, and how many bytes. Code that
-calls them through the module (``dist.all_reduce(...)``, as :mod:`megamm.parallel.mappings`,
-fairscale and DeepSpeed's ``comm`` do) is seen; a function imported by name before the block began
-(``from torch.distributed import all_reduce``) is not. Collectives that autograd runs during
-``backward()`` are counted when the backward pass runs inside the block.
+calls them through the module (``dist.all_reduce(...)``, as :mod:`megamm.parallel.mappings` and
+fairscale do) is seen; a function taken by name before the block began is not: neither ``from
+torch.distributed import all_reduce``, nor the all-gather and reduce-scatter functions DeepSpeed's
+``comm`` keeps from its start-up (ZeRO's parameter gathers; its all-reduce is seen). Collectives
+that autograd runs during ``backward()`` are counted when the backward pass runs inside the block.
 
 **Payload bytes** of a call are the bytes of the full, unsharded tensor the collective operates on,
 whatever the number of ranks:

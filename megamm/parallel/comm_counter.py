@@ -2,10 +2,12 @@
 
 :class:`CommCounter` replaces torch.distributed's collective functions for the duration of a ``with``
 block and records every call: which function ran, on how many ranks, and how many bytes. Code that
-calls them through the module (``dist.all_reduce(...)``, as :mod:`megamm.parallel.mappings` and
-fairscale do) is seen; a function taken by name before the block began is not: neither ``from
-torch.distributed import all_reduce``, nor the all-gather and reduce-scatter functions DeepSpeed's
-``comm`` keeps from its start-up (ZeRO's parameter gathers; its all-reduce is seen). Collectives
+calls them through the module (``dist.all_reduce(...)``, as :mod:`megamm.parallel.mappings`,
+fairscale and DeepSpeed's ``comm`` do) is seen. A function taken by name before the block began
+(``from torch.distributed import all_reduce``) is not, unless it delegates through
+``torch.distributed.distributed_c10d``'s globals: in torch 2.13 ``all_gather_into_tensor`` and
+``reduce_scatter_tensor`` (which DeepSpeed's ``comm`` keeps from its start-up) call
+``all_gather_single`` and ``reduce_scatter_single``, and are recorded under those names. Collectives
 that autograd runs during ``backward()`` are counted when the backward pass runs inside the block.
 
 **Payload bytes** of a call are the bytes of the full, unsharded tensor the collective operates on,

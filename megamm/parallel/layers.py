@@ -6,6 +6,15 @@ with tensor_parallel=N is exactly the tensor_parallel=1 model split up.
 
 Sharded parameters carry ``tensor_model_parallel=True`` (and ``partition_dim``) so DeepSpeed
 counts them once per rank when it computes the global gradient norm.
+
+With ``sequence_parallel=True`` the column- and row-parallel layers take and give Megatron's
+sequence-parallel layout, batch-first: the column-parallel layer's input is this rank's slice of
+the sequence, ``(B, T / tp, in)``, which it all-gathers (``gather_from_sequence``) instead of
+entering through ``copy_to_group``; the row-parallel layer reduce-scatters its partial output back
+to the slices (``reduce_scatter_to_sequence``) instead of all-reducing it. A replicated parameter
+applied to a slice of the sequence (the row-parallel bias) gets only that slice's share of its
+gradient; it enters the computation through ``copy_to_group``, whose backward sums the shares over
+the group, and carries ``sequence_parallel=True``.
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ from megamm.parallel.mappings import (
     ProcessGroup,
     copy_to_group,
     gather_from_group,
+    gather_from_sequence,
     group_rank,
     group_size,
     reduce_from_group,
+    reduce_scatter_to_sequence,
     scatter_to_group,
 )
 
@@ -71,6 +82,10 @@ class ColumnParallelLinear(nn.Module):
     Input (..., in_features), replicated on every rank.
     Output (..., out_features / tp) per rank, or (..., out_features) if ``gather_output``.
 
+    With ``sequence_parallel`` (Megatron's sequence parallelism): input (B, T / tp, in_features),
+    this rank's slice of the sequence, all-gathered along the sequence before the matmul (its
+    gradient reduce-scattered back); output (B, T, out_features / tp).
+
     ``stacked`` > 1 fuses that many projections of ``out_features / stacked`` each (Q, K and V:
     one matmul instead of three). Each is initialised from its own master weight, drawn in
     order, and split over the group on its own, so a rank's output is its slice of the first
@@ -87,11 +102,15 @@ class ColumnParallelLinear(nn.Module):
         init_method: InitMethod = normal_init(0.02),
         device: Optional[torch.device] = None,
         stacked: int = 1,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         if stacked > 1 and gather_output:
             raise ValueError("a stacked ColumnParallelLinear cannot gather its output")
+        if sequence_parallel and gather_output:
+            raise ValueError("a sequence-parallel ColumnParallelLinear cannot gather its output")
         self.group = group
+        self.sequence_parallel = sequence_parallel
         self.in_features = in_features
         self.out_features = out_features
         self.gather_output = gather_output
@@ -110,7 +129,10 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_group(x, self.group)  # (..., in)
+        if self.sequence_parallel:
+            x = gather_from_sequence(x, self.group)  # (B, T / tp, in) -> (B, T, in)
+        else:
+            x = copy_to_group(x, self.group)  # (..., in)
         y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
         return gather_from_group(y, self.group) if self.gather_output else y
 
@@ -123,6 +145,12 @@ class RowParallelLinear(nn.Module):
 
     Input (..., in_features / tp) per rank if ``input_is_parallel``, else (..., in_features).
     Output (..., out_features), summed over the group and replicated on every rank.
+
+    With ``sequence_parallel``: input (B, T, in_features / tp); the partial outputs are
+    reduce-scattered along the sequence, so the output is this rank's slice (B, T / tp,
+    out_features). The bias, added to that slice, is replicated but gets only the slice's share of
+    its gradient: it enters through ``copy_to_group`` (gradient summed over the group) and is
+    marked ``sequence_parallel=True``.
     """
 
     def __init__(
@@ -134,12 +162,16 @@ class RowParallelLinear(nn.Module):
         input_is_parallel: bool = True,
         init_method: InitMethod = normal_init(0.02),
         device: Optional[torch.device] = None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("a sequence-parallel RowParallelLinear needs input_is_parallel=True")
         self.group = group
         self.in_features = in_features
         self.out_features = out_features
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self.in_per_rank = _divide(in_features, group_size(group), "in_features")
         master = torch.empty(out_features, in_features, device=device)
         init_method(master)
@@ -147,6 +179,7 @@ class RowParallelLinear(nn.Module):
         if bias:
             # Added after the reduction, so it is replicated, not sharded.
             self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features, device=device))
+            self.bias.sequence_parallel = sequence_parallel and group_size(group) > 1  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
 
@@ -154,8 +187,13 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_group(x, self.group)  # (..., in / tp)
         partial = F.linear(x, self.weight)  # (..., out), this rank's share of the sum
-        y = reduce_from_group(partial, self.group)  # (..., out)
-        return y + self.bias if self.bias is not None else y
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence(partial, self.group)  # (B, T, out) -> (B, T / tp, out), summed
+            bias = copy_to_group(self.bias, self.group) if self.bias is not None else None  # gradient: summed
+        else:
+            y = reduce_from_group(partial, self.group)  # (..., out)
+            bias = self.bias
+        return y + bias if bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, in_per_rank={self.in_per_rank}"

@@ -1,7 +1,25 @@
-"""Transformer building blocks: tensor-parallel MLP and pre-norm transformer block."""
+"""Transformer building blocks: tensor-parallel MLP and pre-norm transformer block.
+
+Sequence parallelism (Megatron's, ``parallel.sequence_parallel``): between the tensor-parallel
+regions (attention, MLP) each rank of a tensor-parallel group holds a slice of the sequence,
+(B, T / tp, H). LayerNorms, dropout and residual additions run on that slice; the column-parallel
+layers all-gather the sequence on the way in and the row-parallel layers reduce-scatter it on the
+way out. :class:`SequenceLayout` enters that layout after an embedding (padding the sequence to a
+multiple of tp with positions that attention ignores), and the encoders' pooling reads it.
+
+Parameters that every rank holds whole but applies to its own slice of the sequence (the
+LayerNorms' weights and biases, the row-parallel layers' biases) get only that slice's share of
+their gradient. They enter the computation through ``copy_to_group`` (identity forward, gradient
+all-reduced over the tensor-parallel group), so by the time autograd accumulates into ``.grad``
+the gradient is the whole sequence's, the same on every rank, and DeepSpeed averages it over the
+data-parallel ranks as any other. Being part of the autograd graph, this works with every ZeRO
+stage, with the pipeline engine and with activation checkpointing (the recomputation repeats it).
+Such parameters carry ``sequence_parallel=True``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -9,28 +27,143 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.model.attention import ParallelSelfAttention
+from megamm.model.attention.self_attention import tensor_parallel_rng
 from megamm.model.init import WeightInit
-from megamm.parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
+from megamm.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    copy_to_group,
+    group_rank,
+    group_size,
+    scatter_to_sequence,
+)
 from megamm.parallel.mappings import ProcessGroup
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a stream lies between the tensor-parallel regions: whole on every rank, or (under
+    sequence parallelism at tp > 1, :attr:`active`) this rank's slice of a sequence padded to a
+    multiple of tp."""
+
+    group: ProcessGroup = None
+    sequence_parallel: bool = False
+
+    @property
+    def active(self) -> bool:
+        """True when the stream is split along the sequence (sequence parallelism at tp > 1)."""
+        return self.sequence_parallel and group_size(self.group) > 1
+
+    @property
+    def size(self) -> int:
+        """How many slices the sequence is cut into (1: whole)."""
+        return group_size(self.group) if self.active else 1
+
+    def padded_length(self, length: int) -> int:
+        """``length`` rounded up to a multiple of :attr:`size`."""
+        return -(-length // self.size) * self.size
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Enter the layout: (B, T, H), alike on every rank -> (B, T' / tp, H), this rank's slice of
+        the sequence zero-padded to T' = :meth:`padded_length` (T); the gradient is all-gathered.
+        The identity when not :attr:`active`."""
+        if not self.active:
+            return x
+        pad = self.padded_length(x.shape[1]) - x.shape[1]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # (B, T', H)
+        return scatter_to_sequence(x, self.group)  # (B, T' / tp, H)
+
+    def pad_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A key padding mask (B, T) bool (True = real token) extended to (B, T') with False."""
+        pad = self.padded_length(mask.shape[1]) - mask.shape[1]
+        return F.pad(mask, (0, pad), value=False) if pad else mask
+
+    def padding_mask(self, length: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The key mask (1, T') of a stream of ``length`` real positions and no padding mask of its
+        own (the image stream); None when nothing was padded."""
+        padded = self.padded_length(length)
+        if padded == length:
+            return None
+        return (torch.arange(padded, device=device) < length)[None, :]  # (1, T'): True = real
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of dimension 1 of ``tensor`` (B, T', ...), without autograd (a mask)."""
+        if not self.active:
+            return tensor
+        return tensor.chunk(self.size, dim=1)[group_rank(self.group)]
+
+
+def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: SequenceLayout) -> torch.Tensor:
+    """Dropout of the hidden states (embeddings, attention and MLP outputs), as in Megatron: from the
+    random stream the tensor-parallel ranks share when they hold the same activations, from each
+    rank's own (:func:`tensor_parallel_rng`) when each holds its slice of the sequence."""
+    if not training or p == 0:
+        return x
+    if layout.active:
+        with tensor_parallel_rng(layout.group):
+            return F.dropout(x, p, training=True)
+    return F.dropout(x, p, training=True)
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, same state dict) that may run on slices of the sequence.
+
+    With ``sequence_parallel`` at tp > 1 the weight and bias enter through ``copy_to_group`` (a
+    copy of them, so that autograd saves no alias of a parameter ZeRO-3 may release), whose backward
+    sums every rank's share of their gradient over the tensor-parallel group.
+    """
+
+    def __init__(self, hidden_size: int, group: ProcessGroup = None, sequence_parallel: bool = False) -> None:
+        super().__init__(hidden_size)
+        self.group = group if sequence_parallel and group_size(group) > 1 else None
+        for param in (self.weight, self.bias):
+            param.sequence_parallel = self.group is not None  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return super().forward(x)
+        weight = copy_to_group(self.weight.clone(), self.group)  # gradient: summed over the group
+        bias = copy_to_group(self.bias.clone(), self.group)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class ParallelMLP(nn.Module):
     """Column-parallel up projection, GELU, row-parallel down projection.
 
-    (..., H) -> (..., F / tp) on each rank -> (..., H) summed over the group.
+    (..., H) -> (..., F / tp) on each rank -> (..., H) summed over the group; under sequence
+    parallelism (B, T / tp, H) -> (B, T, F / tp) -> (B, T / tp, H).
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, group: ProcessGroup, init: WeightInit, num_layers: int) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        group: ProcessGroup,
+        init: WeightInit,
+        num_layers: int,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
-        self.up = ColumnParallelLinear(hidden_size, ffn_size, group, init_method=init.linear(hidden_size))
-        self.down = RowParallelLinear(ffn_size, hidden_size, group, init_method=init.residual(ffn_size, num_layers))
+        self.up = ColumnParallelLinear(
+            hidden_size, ffn_size, group, init_method=init.linear(hidden_size), sequence_parallel=sequence_parallel
+        )
+        self.down = RowParallelLinear(
+            ffn_size, hidden_size, group, init_method=init.residual(ffn_size, num_layers), sequence_parallel=sequence_parallel
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x)). (B, T, H) -> (B, T, H)."""
+    """Pre-norm block: x + dropout(attn(ln(x))), then x + dropout(mlp(ln(x))). (B, T, H) -> (B, T, H),
+    or (B, T / tp, H) -> (B, T / tp, H) under sequence parallelism (``sequence_parallel`` at tp > 1).
+
+    ``dropout`` drops the attention and MLP outputs before the residual additions, ``attention_dropout``
+    the attention probabilities (both only in training; see :func:`hidden_dropout`).
+    """
 
     def __init__(
         self,
@@ -40,26 +173,37 @@ class TransformerBlock(nn.Module):
         group: ProcessGroup,
         init: WeightInit,
         num_layers: int,
+        sequence_parallel: bool = False,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.attn_norm = nn.LayerNorm(hidden_size)
+        self.layout = SequenceLayout(group, sequence_parallel)
+        self.dropout = dropout
+        sp = self.layout.active
+        self.attn_norm = SequenceParallelLayerNorm(hidden_size, group, sp)
         self.attn = ParallelSelfAttention(
             hidden_size,
             num_heads,
             group,
             init_method=init.linear(hidden_size),
             output_init_method=init.residual(hidden_size, num_layers),
+            sequence_parallel=sp,
+            attention_dropout=attention_dropout,
         )
-        self.mlp_norm = nn.LayerNorm(hidden_size)
-        self.mlp = ParallelMLP(hidden_size, ffn_size, group, init, num_layers)
+        self.mlp_norm = SequenceParallelLayerNorm(hidden_size, group, sp)
+        self.mlp = ParallelMLP(hidden_size, ffn_size, group, init, num_layers, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), key_padding_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        """x (B, T, H) (this rank's (B, T / tp, H) under sequence parallelism); key_padding_mask
+        (B, T) or (1, T) bool over the whole sequence, True = real token."""
+        attended = self.attn(self.attn_norm(x), key_padding_mask)
+        x = x + hidden_dropout(attended, self.dropout, self.training, self.layout)
+        return x + hidden_dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.layout)
 
 
 class TransformerStack(nn.Module):
-    """``num_layers`` blocks followed by a final LayerNorm.
+    """``num_layers`` blocks followed by a final LayerNorm (on the slices, under sequence parallelism).
 
     Block ``i`` draws its weights in the random stream of the piece ``"{name}.block.{i}"``
     (:meth:`WeightInit.seeded`), as the pipeline's layers do.
@@ -78,14 +222,20 @@ class TransformerStack(nn.Module):
         ffn_size: int,
         group: ProcessGroup,
         init: WeightInit,
+        sequence_parallel: bool = False,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         blocks = []
         for index in range(num_layers):
             with init.seeded(f"{name}.block.{index}"):
-                blocks.append(TransformerBlock(hidden_size, num_heads, ffn_size, group, init, num_layers))
+                block = TransformerBlock(
+                    hidden_size, num_heads, ffn_size, group, init, num_layers, sequence_parallel, dropout, attention_dropout
+                )
+            blocks.append(block)
         self.layers = nn.ModuleList(blocks)
-        self.final_norm = nn.LayerNorm(hidden_size)
+        self.final_norm = SequenceParallelLayerNorm(hidden_size, group, sequence_parallel)
         self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

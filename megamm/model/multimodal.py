@@ -28,13 +28,24 @@ class MultiModalTransformer(nn.Module):
 
     Every weight is drawn from ``seed`` (:func:`weight_init`) as a full master tensor, so any
     tensor-parallel or pipeline-parallel layout of the same seed gives the same model.
+
+    ``sequence_parallel`` (``parallel.sequence_parallel``): Megatron's sequence parallelism inside
+    both encoders (see :mod:`megamm.model.blocks`); the same weights, and without dropout the same
+    numbers. ``config.dropout`` and ``config.attention_dropout`` act in training mode only.
     """
 
-    def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None, seed: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        parallel: Optional[ParallelState] = None,
+        seed: Optional[int] = None,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         parallel = parallel or ParallelState.single()
         text, image = config.text, config.image
         init = weight_init(config, seed)
+        dropouts = {"dropout": config.dropout, "attention_dropout": config.attention_dropout}
         self.text_encoder = TextEncoder(
             vocab_size=text.vocab_size,
             max_length=text.max_length,
@@ -44,6 +55,8 @@ class MultiModalTransformer(nn.Module):
             ffn_size=text.ffn_size,
             group=parallel.tp_group,
             init=init,
+            sequence_parallel=sequence_parallel,
+            **dropouts,
         )
         self.image_encoder = ImageEncoder(
             image_size=image.image_size,
@@ -55,6 +68,8 @@ class MultiModalTransformer(nn.Module):
             ffn_size=image.ffn_size,
             group=parallel.tp_group,
             init=init,
+            sequence_parallel=sequence_parallel,
+            **dropouts,
         )
         self.text_projection = Projection("text", text.hidden_size, config.embed_dim, init)
         self.image_projection = Projection("image", image.hidden_size, config.embed_dim, init)

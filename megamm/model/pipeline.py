@@ -3,7 +3,7 @@
 The dual encoder becomes one flat sequence, cut into stages by DeepSpeed's ``PipelineModule``:
 
     0  ImageEmbeddingLayer      (images, ids, mask)        -> (image (B, N+1, Hi), ids, mask)
-    1  TextEmbeddingLayer       (image, ids, mask)         -> (image, text (B, T, Ht), mask)
+    1  TextEmbeddingLayer       (image, ids, mask)         -> (image, text (B, T, Ht), mask (B, T))
        BlockLayer("image") x Li (image, text, mask)       -> (block(image), text, mask)
        HeadLayer("image")       (image, text, mask)        -> (image_emb (B, E), text, mask)
        BlockLayer("text") x Lt  (image_emb, text, mask)   -> (image_emb, block(text), mask)
@@ -16,6 +16,14 @@ embedding by the time the text blocks run). Each layer draws its weights in the 
 its piece (``"image.block.3"``, ...; :meth:`megamm.model.init.WeightInit.seeded`) with the same
 modules as :class:`~megamm.model.MultiModalTransformer`, so a pipeline of any shape starts from
 the very weights one process builds, and computes the same loss.
+
+Under sequence parallelism (``sequence_parallel`` at tp > 1) the two streams travel as each
+tensor-parallel rank's slice of the sequence, padded to a multiple of tp: image (B, T'i / tp, Hi),
+text (B, T't / tp, Ht), and the text embedding pads the mask to (B, T't); every rank sends its own
+slices to the same tensor-parallel rank of the next stage. The heads pool from the slices, as the
+single-process model does. DeepSpeed's partitioning of activations between stages (its
+``pipeline.pipe_partitioned``, ``grad_partitioned``) must be off: it splits the first tensor over the
+tensor-parallel ranks and sends the parts, taking that tensor to be alike on every one of them.
 
 No weights are shared between layers of this model, so every layer is a plain ``LayerSpec``;
 a tied pair (a captioning decoder's output projection and its token embedding) would be a
@@ -32,7 +40,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from megamm.config import ModelConfig, pipeline_split
-from megamm.model.blocks import TransformerBlock
+from megamm.model.blocks import SequenceLayout, SequenceParallelLayerNorm, TransformerBlock
 from megamm.model.encoders.image import ImagePatchEmbedding, pool_class_token
 from megamm.model.encoders.text import TextEmbedding, masked_mean
 from megamm.model.heads import CLAMP_ATTRIBUTE, Projection, contrastive_loss
@@ -48,10 +56,15 @@ MODALITIES = ("image", "text")
 class ImageEmbeddingLayer(nn.Module):
     """(images, ids, mask) -> (image features, ids, mask)."""
 
-    def __init__(self, config: ModelConfig, init: WeightInit) -> None:
+    def __init__(
+        self, config: ModelConfig, init: WeightInit, group: ProcessGroup = None, sequence_parallel: bool = False
+    ) -> None:
         super().__init__()
         image = config.image
-        self.embedding = ImagePatchEmbedding(image.image_size, image.patch_size, image.channels, image.hidden_size, init)
+        self.embedding = ImagePatchEmbedding(
+            image.image_size, image.patch_size, image.channels, image.hidden_size, init, group, sequence_parallel,
+            config.dropout,
+        )  # fmt: skip
 
     def forward(self, inputs: Stream) -> Stream:
         images, ids, mask = inputs
@@ -59,16 +72,21 @@ class ImageEmbeddingLayer(nn.Module):
 
 
 class TextEmbeddingLayer(nn.Module):
-    """(image features, ids, mask) -> (image features, text features, mask)."""
+    """(image features, ids, mask) -> (image features, text features, mask); under sequence
+    parallelism the mask comes out padded like the text stream."""
 
-    def __init__(self, config: ModelConfig, group: ProcessGroup, init: WeightInit) -> None:
+    def __init__(
+        self, config: ModelConfig, group: ProcessGroup, init: WeightInit, sequence_parallel: bool = False
+    ) -> None:
         super().__init__()
         text = config.text
-        self.embedding = TextEmbedding(text.vocab_size, text.max_length, text.hidden_size, group, init)
+        self.embedding = TextEmbedding(
+            text.vocab_size, text.max_length, text.hidden_size, group, init, sequence_parallel, config.dropout
+        )
 
     def forward(self, inputs: Stream) -> Stream:
         image, ids, mask = inputs
-        return image, self.embedding(ids), mask
+        return image, self.embedding(ids), self.embedding.layout.pad_mask(mask)
 
 
 class BlockLayer(nn.Module):
@@ -79,20 +97,33 @@ class BlockLayer(nn.Module):
     single-process model.
     """
 
-    def __init__(self, config: ModelConfig, modality: str, index: int, group: ProcessGroup, init: WeightInit) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        modality: str,
+        index: int,
+        group: ProcessGroup,
+        init: WeightInit,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         tower = getattr(config, modality)
         self.modality = modality
         with init.seeded(f"{modality}.block.{index}"):
             self.block = TransformerBlock(
-                tower.hidden_size, tower.num_heads, tower.ffn_size, group, init, tower.num_layers
-            )
+                tower.hidden_size, tower.num_heads, tower.ffn_size, group, init, tower.num_layers,
+                sequence_parallel, config.dropout, config.attention_dropout,
+            )  # fmt: skip
+        self.image_tokens = (config.image.image_size // config.image.patch_size) ** 2 + 1
         self.activation_checkpointing = False
 
     def forward(self, inputs: Stream) -> Stream:
         image, text, mask = inputs
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        padding = mask if self.modality == "text" else None
+        if self.modality == "text":
+            padding = mask  # (B, T'), padded by the text embedding under sequence parallelism
+        else:  # the padding that sequence parallelism added, as ImagePatchEmbedding.key_padding_mask
+            padding = self.block.layout.padding_mask(self.image_tokens, image.device)
         x = image if self.modality == "image" else text
         x = checkpoint(self.block, x, padding) if recompute else self.block(x, padding)
         return (x, text, mask) if self.modality == "image" else (image, x, mask)
@@ -101,19 +132,29 @@ class BlockLayer(nn.Module):
 class HeadLayer(nn.Module):
     """One tower's final LayerNorm, pooling (class token / masked mean) and projection."""
 
-    def __init__(self, config: ModelConfig, modality: str, init: WeightInit) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        modality: str,
+        init: WeightInit,
+        group: ProcessGroup = None,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         hidden = getattr(config, modality).hidden_size
         self.modality = modality
-        self.final_norm = nn.LayerNorm(hidden)
+        self.layout = SequenceLayout(group, sequence_parallel)
+        self.final_norm = SequenceParallelLayerNorm(hidden, group, sequence_parallel)
         self.projection = Projection(modality, hidden, config.embed_dim, init)
 
     def forward(self, inputs: Stream) -> Stream:
         if self.modality == "image":
             image, text, mask = inputs
-            return self.projection(pool_class_token(self.final_norm(image))), text, mask  # (B, E), ...
+            pooled = pool_class_token(self.final_norm(image), self.layout)  # (B, Hi)
+            return self.projection(pooled), text, mask  # (B, E), ...
         image_emb, text, mask = inputs
-        return image_emb, self.projection(masked_mean(self.final_norm(text), mask))  # (B, E), (B, E)
+        pooled = masked_mean(self.final_norm(text), mask, self.layout)  # (B, Ht)
+        return image_emb, self.projection(pooled)  # (B, E), (B, E)
 
 
 class TemperatureLayer(nn.Module):
@@ -144,14 +185,19 @@ class ContrastiveLoss:
         return contrastive_loss(image_emb, text_emb, scale, self.dp_group)
 
 
-def layer_specs(config: ModelConfig, parallel: ParallelState, init: WeightInit) -> list[LayerSpec]:
+def layer_specs(
+    config: ModelConfig, parallel: ParallelState, init: WeightInit, sequence_parallel: bool = False
+) -> list[LayerSpec]:
     """The model's layers, in pipeline order (see the module docstring)."""
-    group = parallel.tp_group
-    specs = [LayerSpec(ImageEmbeddingLayer, config, init), LayerSpec(TextEmbeddingLayer, config, group, init)]
+    group, sp = parallel.tp_group, sequence_parallel
+    specs = [
+        LayerSpec(ImageEmbeddingLayer, config, init, group, sp),
+        LayerSpec(TextEmbeddingLayer, config, group, init, sp),
+    ]
     for modality in MODALITIES:
         tower = getattr(config, modality)
-        specs += [LayerSpec(BlockLayer, config, modality, i, group, init) for i in range(tower.num_layers)]
-        specs.append(LayerSpec(HeadLayer, config, modality, init))
+        specs += [LayerSpec(BlockLayer, config, modality, i, group, init, sp) for i in range(tower.num_layers)]
+        specs.append(LayerSpec(HeadLayer, config, modality, init, group, sp))
     specs.append(LayerSpec(TemperatureLayer, config))
     return specs
 
@@ -159,7 +205,8 @@ def layer_specs(config: ModelConfig, parallel: ParallelState, init: WeightInit) 
 class MultiModalPipeline(PipelineModule):
     """DeepSpeed ``PipelineModule`` of :func:`layer_specs` on our (pipe, data, model) grid.
 
-    Built on every rank: each stage instantiates its own layers only.
+    Built on every rank: each stage instantiates its own layers only. ``sequence_parallel``: see
+    the module docstring.
     """
 
     def __init__(
@@ -168,8 +215,9 @@ class MultiModalPipeline(PipelineModule):
         parallel: ParallelState,
         partition: str = "parameters",
         seed: Optional[int] = None,
+        sequence_parallel: bool = False,
     ) -> None:
-        specs = layer_specs(config, parallel, weight_init(config, seed))
+        specs = layer_specs(config, parallel, weight_init(config, seed), sequence_parallel)
         assert len(specs) == config.num_pipeline_layers
         self._split = pipeline_split(partition, len(specs), parallel.pp_size)
         topology = PipeModelDataParallelTopology(num_pp=parallel.pp_size, num_mp=parallel.tp_size, num_dp=parallel.dp_size)

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamm.parallel import ColumnParallelLinear, RowParallelLinear, group_size
+from megamm.parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker, group_size
 from megamm.parallel.layers import InitMethod
 from megamm.parallel.mappings import ProcessGroup
+from megamm.parallel.random import TENSOR_PARALLEL_RNG
+
+
+def tensor_parallel_rng(group: ProcessGroup) -> ContextManager[None]:
+    """The random stream for dropout whose input differs across the tensor-parallel ranks (their
+    own heads, their own slice of the sequence): each rank's own stream,
+    ``get_rng_tracker().fork()`` (seeded by :func:`megamm.parallel.model_parallel_seed`).
+
+    A single process that never seeded the tracker draws from the default stream instead;
+    at tensor_parallel > 1 an unseeded tracker is an error (the ranks' masks would agree).
+    """
+    tracker = get_rng_tracker()
+    if TENSOR_PARALLEL_RNG in tracker.states:
+        return tracker.fork()
+    if group_size(group) == 1:
+        return contextlib.nullcontext()
+    raise RuntimeError(
+        "dropout inside a tensor-parallel region needs each rank's own random stream: call "
+        "megamm.parallel.model_parallel_seed(seed, tp_rank, device) before training"
+    )
 
 
 class ParallelSelfAttention(nn.Module):
@@ -18,6 +39,13 @@ class ParallelSelfAttention(nn.Module):
 
     Q, K and V are one stacked column-parallel projection (one matmul), each rank holding
     whole heads of each; the output projection is row-parallel and sums over ranks.
+
+    With ``sequence_parallel`` the input and output are this rank's slice of the sequence,
+    (B, T / tp, H): the Q/K/V projection all-gathers the sequence and the output projection
+    reduce-scatters it (Megatron's sequence parallelism); attention itself sees all T positions.
+
+    ``attention_dropout`` drops attention probabilities in training, drawn from this rank's own
+    random stream (:func:`tensor_parallel_rng`): each rank holds other heads.
     """
 
     def __init__(
@@ -27,24 +55,41 @@ class ParallelSelfAttention(nn.Module):
         group: ProcessGroup,
         init_method: InitMethod,
         output_init_method: InitMethod,
+        sequence_parallel: bool = False,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         tp = group_size(group)
         if num_heads % tp != 0:
             raise ValueError(f"num_heads={num_heads} is not divisible by the tensor-parallel size {tp}")
+        self.group = group
         self.head_dim = hidden_size // num_heads
         self.local_heads = num_heads // tp
-        self.qkv = ColumnParallelLinear(hidden_size, 3 * hidden_size, group, init_method=init_method, stacked=3)
-        self.out = RowParallelLinear(hidden_size, hidden_size, group, init_method=output_init_method)
+        self.attention_dropout = attention_dropout
+        sequence_parallel = sequence_parallel and tp > 1
+        self.qkv = ColumnParallelLinear(
+            hidden_size, 3 * hidden_size, group, init_method=init_method, stacked=3, sequence_parallel=sequence_parallel
+        )
+        self.out = RowParallelLinear(
+            hidden_size, hidden_size, group, init_method=output_init_method, sequence_parallel=sequence_parallel
+        )
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, T, H); key_padding_mask: (B, T) bool, True for real tokens."""
-        batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.local_heads, self.head_dim)  # (B, T, 3, h, d)
+        """x: (B, T, H), or (B, T / tp, H) under sequence parallelism; key_padding_mask: (B, T)
+        (or (1, T), alike for every row) bool, True for real tokens, over all T positions."""
+        qkv = self.qkv(x)  # (B, T, 3 * h * d): the whole sequence, this rank's heads
+        batch, length, _ = qkv.shape
+        qkv = qkv.view(batch, length, 3, self.local_heads, self.head_dim)  # (B, T, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)
         attn_mask = None
         if key_padding_mask is not None:
             attn_mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T): True = attend
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, T, d)
+        if self.training and self.attention_dropout > 0:
+            with tensor_parallel_rng(self.group):  # this rank's heads: its own masks
+                context = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout
+                )  # (B, h, T, d)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, T, d)
         context = context.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim)
-        return self.out(context)  # (B, T, H)
+        return self.out(context)  # (B, T, H), or (B, T / tp, H) under sequence parallelism

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from megamm.model.blocks import TransformerStack
+from megamm.model.blocks import SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
+from megamm.parallel import group_rank, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
 
 
@@ -20,16 +23,32 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class ImagePatchEmbedding(nn.Module):
-    """Linear patch embedding + class token + learned positions. (B, C, S, S) -> (B, N + 1, H).
+    """Linear patch embedding + class token + learned positions, then ``dropout`` (in training).
+    (B, C, S, S) -> (B, N + 1, H); under sequence parallelism (``sequence_parallel`` at tp > 1) this
+    rank's slice (B, T' / tp, H) of the N + 1 tokens zero-padded to T', a multiple of tp, whose
+    padding :meth:`key_padding_mask` hides from attention.
 
     Its weights are drawn in the random stream of the piece ``"image.embedding"``.
     """
 
-    def __init__(self, image_size: int, patch_size: int, channels: int, hidden_size: int, init: WeightInit) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        channels: int,
+        hidden_size: int,
+        init: WeightInit,
+        group: ProcessGroup = None,
+        sequence_parallel: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
+        self.layout = SequenceLayout(group, sequence_parallel)
+        self.dropout = dropout
         num_patches = (image_size // patch_size) ** 2
+        self.num_tokens = num_patches + 1
         patch_features = channels * patch_size * patch_size
         with init.seeded("image.embedding"):
             self.patch_embedding = nn.Linear(patch_features, hidden_size)
@@ -46,12 +65,28 @@ class ImagePatchEmbedding(nn.Module):
         patches = patchify(images.to(self.patch_embedding.weight.dtype), self.patch_size)  # (B, N, C*P*P)
         x = self.patch_embedding(patches)  # (B, N, H)
         cls = self.class_token.expand(x.shape[0], -1, -1)  # (B, 1, H)
-        return torch.cat([cls, x], dim=1) + self.position_embedding  # (B, N + 1, H)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding  # (B, N + 1, H)
+        x = self.layout.scatter(x)  # (B, T' / tp, H) under sequence parallelism
+        return hidden_dropout(x, self.dropout, self.training, self.layout)
+
+    def key_padding_mask(self, device: torch.device) -> Optional[torch.Tensor]:
+        """(1, T') bool, False at the padding that sequence parallelism adds; None without padding."""
+        return self.layout.padding_mask(self.num_tokens, device)
 
 
-def pool_class_token(features: torch.Tensor) -> torch.Tensor:
-    """The class token's features. (B, N + 1, H) -> (B, H)."""
-    return features[:, 0]
+def pool_class_token(features: torch.Tensor, layout: Optional[SequenceLayout] = None) -> torch.Tensor:
+    """The class token's features. (B, N + 1, H) -> (B, H), alike on every rank.
+
+    Under sequence parallelism (``layout.active``) ``features`` is this rank's slice (B, T' / tp, H)
+    and the class token, position 0, lies in the first rank's: the group sums every rank's first
+    position, the others' times zero. Every rank's result thus depends on its own slice, so every
+    rank's backward pass runs through its blocks and joins the collectives there; the gradient
+    reaches the first rank's class token only.
+    """
+    if layout is None or not layout.active:
+        return features[:, 0]
+    own = features[:, 0] * (1.0 if group_rank(layout.group) == 0 else 0.0)  # (B, H)
+    return reduce_from_group(own, layout.group)
 
 
 class ImageEncoder(nn.Module):
@@ -68,11 +103,20 @@ class ImageEncoder(nn.Module):
         ffn_size: int,
         group: ProcessGroup,
         init: WeightInit,
+        sequence_parallel: bool = False,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.embedding = ImagePatchEmbedding(image_size, patch_size, channels, hidden_size, init)
-        self.transformer = TransformerStack("image", hidden_size, num_layers, num_heads, ffn_size, group, init)
+        self.embedding = ImagePatchEmbedding(
+            image_size, patch_size, channels, hidden_size, init, group, sequence_parallel, dropout
+        )
+        self.transformer = TransformerStack(
+            "image", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout, attention_dropout
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, S, S) -> (B, H)."""
-        return pool_class_token(self.transformer(self.embedding(images)))  # (B, H)
+        x = self.embedding(images)  # (B, N + 1, H), or this rank's (B, T' / tp, H) under sequence parallelism
+        x = self.transformer(x, self.embedding.key_padding_mask(x.device))
+        return pool_class_token(x, self.embedding.layout)  # (B, H)

@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from megamm.model.blocks import TransformerStack
+from megamm.model.blocks import SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
-from megamm.parallel import VocabParallelEmbedding
+from megamm.parallel import VocabParallelEmbedding, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
 
 
-def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens. features (B, T, H), mask (B, T) bool -> (B, H)."""
-    weights = mask.to(features.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (features * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+def masked_mean(features: torch.Tensor, mask: torch.Tensor, layout: Optional[SequenceLayout] = None) -> torch.Tensor:
+    """Mean over real tokens. features (B, T, H), mask (B, T) bool -> (B, H).
+
+    Under sequence parallelism (``layout.active``) ``features`` is this rank's slice (B, T / tp, H)
+    and ``mask`` the whole (padded) sequence's (B, T): each rank sums its slice's real tokens, the
+    group sums the parts (their gradient reaches every slice), and the result is alike on every rank.
+    """
+    if layout is None or not layout.active:
+        weights = mask.to(features.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (features * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    count = mask.to(features.dtype).sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1), the whole sequence
+    weights = layout.local(mask).to(features.dtype).unsqueeze(-1)  # (B, T / tp, 1)
+    return reduce_from_group((features * weights).sum(dim=1), layout.group) / count  # (B, H)
 
 
 class TextEmbedding(nn.Module):
-    """Vocabulary-parallel token embedding + learned positions. ids (B, T) -> (B, T, H).
+    """Vocabulary-parallel token embedding + learned positions, then ``dropout`` (in training).
+    ids (B, T) -> (B, T, H); under sequence parallelism (``sequence_parallel`` at tp > 1) this rank's
+    slice (B, T' / tp, H) of the sequence zero-padded to T', a multiple of tp (pad the key padding
+    mask alike with ``layout.pad_mask``).
 
     Its weights are drawn in the random stream of the piece ``"text.embedding"``.
     """
 
-    def __init__(self, vocab_size: int, max_length: int, hidden_size: int, group: ProcessGroup, init: WeightInit) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        hidden_size: int,
+        group: ProcessGroup,
+        init: WeightInit,
+        sequence_parallel: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.max_length = max_length
+        self.layout = SequenceLayout(group, sequence_parallel)
+        self.dropout = dropout
         with init.seeded("text.embedding"):
             self.token_embedding = VocabParallelEmbedding(
                 vocab_size, hidden_size, group, init_method=init.token_embedding()
@@ -37,7 +62,11 @@ class TextEmbedding(nn.Module):
         length = ids.shape[1]
         if length > self.max_length:
             raise ValueError(f"text length {length} exceeds model.text.max_length={self.max_length}")
-        return self.token_embedding(ids) + self.position_embedding[:length]  # (B, T, H)
+        x = self.token_embedding(ids) + self.position_embedding[:length]  # (B, T, H)
+        # Under sequence parallelism: the embedding's all-reduce, then this rank's slice (a reduce-scatter
+        # of the partial lookups, as Megatron does, would move half the bytes).
+        x = self.layout.scatter(x)  # (B, T' / tp, H)
+        return hidden_dropout(x, self.dropout, self.training, self.layout)
 
 
 class TextEncoder(nn.Module):
@@ -53,12 +82,18 @@ class TextEncoder(nn.Module):
         ffn_size: int,
         group: ProcessGroup,
         init: WeightInit,
+        sequence_parallel: bool = False,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.embedding = TextEmbedding(vocab_size, max_length, hidden_size, group, init)
-        self.transformer = TransformerStack("text", hidden_size, num_layers, num_heads, ffn_size, group, init)
+        self.embedding = TextEmbedding(vocab_size, max_length, hidden_size, group, init, sequence_parallel, dropout)
+        self.transformer = TransformerStack(
+            "text", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout, attention_dropout
+        )
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64, mask (B, T) bool (True = real token) -> (B, H)."""
-        x = self.transformer(self.embedding(ids), key_padding_mask=mask)  # (B, T, H)
-        return masked_mean(x, mask)  # (B, H)
+        mask = self.embedding.layout.pad_mask(mask)  # (B, T'), T' = T without sequence parallelism
+        x = self.transformer(self.embedding(ids), key_padding_mask=mask)  # (B, T, H), or (B, T' / tp, H)
+        return masked_mean(x, mask, self.embedding.layout)  # (B, H)

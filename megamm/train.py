@@ -48,7 +48,7 @@ from megamm.flops import image_tokens, model_flops_per_sample
 from megamm.metrics import MetricsWriter, StepTimer, Throughput, host_max_rss_gb
 from megamm.model import MultiModalTransformer
 from megamm.model.pipeline import MultiModalPipeline
-from megamm.parallel import ParallelState
+from megamm.parallel import ParallelState, get_rng_tracker, model_parallel_seed
 from megamm.preflight import StartPlan, parallel_layout, preflight
 
 log = logging.getLogger("megamm")
@@ -354,6 +354,14 @@ class Trainer:
             self.line_start = None
         self._sync_state()
         client_state = {"train_state": asdict(self.state), "config": to_dict(self.config)}
+        # This rank's random streams (dropout draws from them), for an exact resume; the same on every
+        # data-parallel rank, so DeepSpeed keeping data-parallel rank 0's client state loses nothing.
+        client_state["rng_state"] = {
+            "device": self.device.type,
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "tensor_parallel": get_rng_tracker().get_states(),
+        }
         path = save_checkpoint(
             self.engine,
             self.config.checkpoint.dir,
@@ -455,9 +463,16 @@ def _build_model(config: TrainConfig, parallel: ParallelState) -> torch.nn.Modul
     torch.manual_seed(config.seed)
     model: torch.nn.Module
     if parallel.pp_size > 1:
-        model = MultiModalPipeline(config.model, parallel, config.parallel.pipeline_partition)
+        model = MultiModalPipeline(
+            config.model, parallel, config.parallel.pipeline_partition,
+            sequence_parallel=config.parallel.sequence_parallel,
+        )  # fmt: skip
     else:
-        model = MultiModalTransformer(config.model, parallel)
+        model = MultiModalTransformer(config.model, parallel, sequence_parallel=config.parallel.sequence_parallel)
+    # Dropout's random streams (megamm.parallel.random), seeded once the weights are drawn: the default
+    # one alike on a tensor-parallel group's ranks, each rank's own for the tensor-parallel regions,
+    # both offset by 100 per pipeline stage (as Megatron does) so that stages do not repeat masks.
+    model_parallel_seed(config.seed + 100 * parallel.pp_rank, parallel.tp_rank, device())
     model.set_activation_checkpointing(config.parallel.activation_checkpointing)  # type: ignore[operator]
     local = sum(p.numel() for p in model.parameters())
     sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
@@ -503,8 +518,10 @@ def _train(
     runner = make_runner(engine, parallel)
 
     state = TrainState()
+    rng_state: Optional[dict[str, Any]] = None  # the checkpoint's random streams, restored below
     if plan.resume_from is not None:
-        saved = load_checkpoint(engine, plan.resume_from)["train_state"]
+        client_state = load_checkpoint(engine, plan.resume_from)
+        saved, rng_state = client_state["train_state"], client_state.get("rng_state")
         state = TrainState(**saved)
         log.info("resumed from %s at step %d", plan.resume_from, state.step)
         if plan.restart_data or ("data_position" not in saved and state.batches_consumed):
@@ -537,6 +554,15 @@ def _train(
         )
 
     batches = iter(loader)  # forks the loader workers, before the watchdog's threads exist
+    # The saved random streams (dropout's) continue where the checkpoint left them; restored after
+    # iter(loader), which draws its workers' base seed from the default generator, as at the start.
+    if rng_state is not None and rng_state.get("device") == device().type:
+        torch.set_rng_state(rng_state["cpu"].cpu())
+        if rng_state.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device())
+        get_rng_tracker().set_states({name: state.cpu() for name, state in rng_state["tensor_parallel"].items()})
+    elif plan.resume_from is not None and (config.model.dropout or config.model.attention_dropout):
+        log.warning("%s holds no random state for this device: dropout's streams start afresh", plan.resume_from)
     watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("waiting for the first batch")
     trainer = Trainer(runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog)
     try:

@@ -35,9 +35,12 @@ from megamm.engine import (
     init_distributed,
     launch_info,
     load_checkpoint,
+    load_model_state,
     load_model_weights,
     loss_scale,
     make_runner,
+    model_construction,
+    full_numel,
     save_checkpoint,
     set_aside_abandoned,
     synchronize,
@@ -458,24 +461,31 @@ def run_pretraining(
             lock.release()
 
 
-def _build_model(config: TrainConfig, parallel: ParallelState) -> torch.nn.Module:
-    """The dual encoder, or this stage's layers of its pipeline form; the same weights either way."""
+def _build_model(
+    config: TrainConfig, parallel: ParallelState, ds_config: Optional[dict[str, Any]] = None
+) -> torch.nn.Module:
+    """The dual encoder, or this stage's layers of its pipeline form; the same weights either way.
+
+    Built in :func:`~megamm.engine.model_construction` for ``ds_config``: under ZeRO-3 each rank
+    keeps only its partition of every parameter as it is built (collective then).
+    """
     torch.manual_seed(config.seed)
     model: torch.nn.Module
-    if parallel.pp_size > 1:
-        model = MultiModalPipeline(
-            config.model, parallel, config.parallel.pipeline_partition,
-            sequence_parallel=config.parallel.sequence_parallel,
-        )  # fmt: skip
-    else:
-        model = MultiModalTransformer(config.model, parallel, sequence_parallel=config.parallel.sequence_parallel)
+    with model_construction(ds_config, parallel):
+        if parallel.pp_size > 1:
+            model = MultiModalPipeline(
+                config.model, parallel, config.parallel.pipeline_partition,
+                sequence_parallel=config.parallel.sequence_parallel,
+            )  # fmt: skip
+        else:
+            model = MultiModalTransformer(config.model, parallel, sequence_parallel=config.parallel.sequence_parallel)
     # Dropout's random streams (megamm.parallel.random), seeded once the weights are drawn: the default
     # one alike on a tensor-parallel group's ranks, each rank's own for the tensor-parallel regions,
     # both offset by 100 per pipeline stage (as Megatron does) so that stages do not repeat masks.
     model_parallel_seed(config.seed + 100 * parallel.pp_rank, parallel.tp_rank, device())
     model.set_activation_checkpointing(config.parallel.activation_checkpointing)  # type: ignore[operator]
-    local = sum(p.numel() for p in model.parameters())
-    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
+    local = sum(full_numel(p) for p in model.parameters())
+    sharded = sum(full_numel(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     counts = torch.tensor([local + (parallel.tp_size - 1) * sharded], dtype=torch.float64)
     if parallel.pp_size > 1:
         dist.all_reduce(counts, group=parallel.pp_group)  # every stage's layers
@@ -488,6 +498,9 @@ def _build_model(config: TrainConfig, parallel: ParallelState) -> torch.nn.Modul
         local / 1e6,
         "stage's tensor-parallel" if parallel.pp_size > 1 else "tensor-parallel",
     )
+    held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+    if held:
+        log.info("ZeRO-3 built the model partitioned: %.2fM parameters held on this rank", held / 1e6)
     return model
 
 
@@ -510,9 +523,9 @@ def _train(
             zero_stage,
         )
 
-    model = _build_model(config, parallel)
+    model = _build_model(config, parallel, plan.ds_config)
     if plan.init_from is not None:
-        model.load_state_dict(load_model_weights(plan.init_from, parallel.tp_rank))
+        load_model_state(model, load_model_weights(plan.init_from, parallel.tp_rank))
         log.info("weights from %s (optimizer, schedule and step counter start afresh)", plan.init_from)
     engine = build_engine(model, config.optim, config.train_steps, plan.ds_config, parallel)
     runner = make_runner(engine, parallel)

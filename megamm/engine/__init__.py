@@ -1,6 +1,15 @@
 """The only package that imports DeepSpeed: engine construction, configs, checkpoints."""
 
-from megamm.engine.builder import build_engine, clamp_parameters, loss_scale, warmup_cosine
+from megamm.engine.builder import (
+    build_engine,
+    clamp_parameters,
+    full_numel,
+    full_shape,
+    loss_scale,
+    model_construction,
+    warmup_cosine,
+    zero3_builds,
+)
 from megamm.engine.checkpoint import (
     ABANDONED,
     MARKER,
@@ -11,6 +20,7 @@ from megamm.engine.checkpoint import (
     incomplete_checkpoints,
     latest_complete,
     load_checkpoint,
+    load_model_state,
     load_model_weights,
     read_marker,
     save_checkpoint,
@@ -59,6 +69,8 @@ __all__ = [
     "complete_checkpoints",
     "device",
     "free_port",
+    "full_numel",
+    "full_shape",
     "incomplete_checkpoints",
     "init_distributed",
     "is_collective_timeout",
@@ -66,14 +78,17 @@ __all__ = [
     "latest_complete",
     "launch_info",
     "load_checkpoint",
+    "load_model_state",
     "load_model_weights",
     "load_template",
     "loss_scale",
     "make_runner",
+    "model_construction",
     "prepare_rendezvous",
     "read_marker",
     "save_checkpoint",
     "set_aside_abandoned",
     "synchronize",
     "warmup_cosine",
+    "zero3_builds",
 ]

@@ -1,12 +1,15 @@
-"""Optimizer, learning-rate schedule and DeepSpeed engine construction."""
+"""Model construction under ZeRO-3, optimizer, learning-rate schedule and DeepSpeed engine construction."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_local_fp32_param,
@@ -20,13 +23,114 @@ from megamm.model import CLAMP_ATTRIBUTE
 from megamm.parallel import ParallelState
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of ``param`` as the model defines it (this tensor-parallel rank's), also when
+    ZeRO-3 holds only a partition of it and ``param`` itself is an empty placeholder."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """The number of elements of ``param`` as the model defines it (see :func:`full_shape`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def zero3_builds(ds_config: Optional[dict[str, Any]], parallel: ParallelState) -> bool:
+    """Whether :func:`model_construction` partitions the model as it is built: ZeRO stage 3 with
+    more than one process (a pipeline is never ZeRO-3: the config refuses it)."""
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    return stage == 3 and parallel.world_size > 1 and parallel.pp_size == 1
+
+
+_INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+"""The in-place initialisers of ``torch.nn.init`` that :func:`model_construction` makes act on the
+whole of a parameter ZeRO-3 has already partitioned."""
+
+
+def _on_whole_parameter(initialiser: Callable[..., Any]) -> Callable[..., Any]:
+    """``initialiser``, applied to the whole parameter when it is given a partitioned ZeRO-3 one.
+
+    A module that sets a child's weight after the child's constructor has returned (a projection
+    redrawing its ``nn.Linear``'s weight) meets a parameter ZeRO-3 has partitioned already: its
+    ``data`` is an empty placeholder, and the initialiser would silently do nothing. Here the
+    parameter is gathered (this one parameter: at most one layer's full weight), initialised as
+    without ZeRO, broadcast from data-parallel rank 0 (every rank drew the same numbers) and
+    partitioned again. Collective over the data-parallel group, as every rank builds the model.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    @functools.wraps(initialiser)
+    def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if getattr(tensor, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
+            return initialiser(tensor, *args, **kwargs)  # a plain tensor, or one gathered already
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+            initialiser(tensor, *args, **kwargs)
+        return tensor
+
+    return initialise
+
+
+@contextlib.contextmanager
+def _initialisers_on_whole_parameters() -> Iterator[None]:
+    """Within the block, ``torch.nn.init``'s initialisers act on whole ZeRO-3 parameters
+    (:func:`_on_whole_parameter`); restored afterwards."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS if hasattr(nn.init, name)}
+    for name, initialiser in saved.items():
+        setattr(nn.init, name, _on_whole_parameter(initialiser))
+    try:
+        yield
+    finally:
+        for name, initialiser in saved.items():
+            setattr(nn.init, name, initialiser)
+
+
+@contextlib.contextmanager
+def model_construction(ds_config: Optional[dict[str, Any]], parallel: ParallelState) -> Iterator[None]:
+    """Build the model inside this block: under ZeRO-3 no rank ever holds the whole model.
+
+    Under ZeRO stage 3 (:func:`zero3_builds`) this is DeepSpeed's ``zero.Init``: as each module's
+    constructor returns, its own parameters are split over the data-parallel group and each rank
+    keeps its partition (``param.ds_tensor``; ``param`` itself becomes an empty placeholder of
+    ``ds_shape``). A tensor-parallel layer draws its full master weight, keeps its slice and
+    returns, so a layer's full weight exists only inside its constructor: a rank holds its
+    partitions plus at most one layer, and the weights are exactly those of a model built without
+    ZeRO (tensor_parallel=N is still tensor_parallel=1 split up). The partitions are those the
+    engine makes (``build_engine`` adopts them): over the data-parallel group, in the precision
+    and on the device (``offload_param``) the DeepSpeed config asks for; the weights are drawn in
+    that precision. ``torch.nn.init``'s initialisers applied to an already partitioned parameter
+    act on all of it (:func:`_on_whole_parameter`).
+
+    Otherwise (ZeRO 0-2, one process, a pipeline) the block runs as it is: every rank builds its
+    whole tensor-parallel shard, and the engine partitions what ZeRO partitions afterwards.
+    Every rank of the job must build the model in this block (collective under ZeRO-3).
+    """
+    if not zero3_builds(ds_config, parallel):
+        yield
+        return
+    if not deepspeed.comm.is_initialized():  # torch.distributed joined without DeepSpeed (tests)
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    with deepspeed.zero.Init(
+        config_dict_or_path=ds_config,
+        mpu=parallel,
+        data_parallel_group=parallel.dp_group,  # DeepSpeed's default is the whole world, across TP shards
+        remote_device=None,  # the config's offload_param device, else the local device
+        enabled=True,
+    ):
+        with _initialisers_on_whole_parameters():
+            yield
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; leave biases, norms, embeddings of positions and scalars undecayed."""
+    """Decay matrices; leave biases, norms, embeddings of positions and scalars undecayed.
+
+    Shapes are the parameters' own (:func:`full_shape`), also for ZeRO-3 placeholders."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "position_embedding" in name or "class_token" in name:
+        if len(full_shape(param)) < 2 or "position_embedding" in name or "class_token" in name:
             no_decay.append(param)
         else:
             decay.append(param)

@@ -372,3 +372,48 @@ def load_model_weights(path: str | Path, tp_rank: int) -> dict[str, Any]:
         quiet = io.StringIO()  # the reader prints progress bars on every rank
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             return dict(get_fp32_state_dict_from_zero_checkpoint(scratch, tag=path.name))
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """``model.load_state_dict(state)`` (strict), also for a model built partitioned under ZeRO-3.
+
+    ``state`` holds this tensor-parallel rank's whole tensors (:func:`load_model_weights`). A model
+    built in :func:`~megamm.engine.model_construction` under ZeRO-3 holds empty placeholders: each
+    module's own parameters are then gathered in turn (one module's at a time), filled from
+    ``state`` on data-parallel rank 0, broadcast and partitioned again. Collective then: every rank
+    calls it, before the engine is built (whose fp32 master copy starts from these weights).
+
+    Raises:
+        RuntimeError: keys missing from or unexpected in ``state``, or a tensor of another shape.
+    """
+    if not any(hasattr(param, "ds_id") for param in model.parameters()):
+        model.load_state_dict(state)
+        return
+    import deepspeed
+
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"the weights do not fit the model: missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    for prefix, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0), torch.no_grad():
+            for name, param in own.items():
+                _copy_into(param, state[f"{prefix}.{name}" if prefix else name], f"{prefix}.{name}" if prefix else name)
+        for name, buffer in module.named_buffers(recurse=False):
+            key = f"{prefix}.{name}" if prefix else name
+            if key in state:
+                with torch.no_grad():
+                    _copy_into(buffer, state[key], key)
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise RuntimeError(
+            f"the weights do not fit the model: {key} is {tuple(value.shape)} in the checkpoint, "
+            f"{tuple(target.shape)} in the model"
+        )
+    target.copy_(value)

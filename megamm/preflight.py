@@ -187,6 +187,40 @@ def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -
         raise ConfigError(f"cannot fine-tune from {source}: " + "; ".join(problems))
 
 
+def check_universal_resume(
+    checkpoint: Path, marker: dict[str, Any], config: TrainConfig, layout: dict[str, int], restart_data: bool
+) -> None:
+    """Refuse what a universal checkpoint (tools/convert_checkpoint.py) cannot resume into.
+
+    Any tensor-parallel, data-parallel or ZeRO layout works, and any number of pipeline stages
+    if the source had stages too: parameters are named by layer in the pipeline form and by
+    module in the plain one. Under another data-parallel size the data position belongs to other
+    streams, unless ``data.global_batches`` made them the same.
+    """
+    if config.parallel.zero_stage == 0 and layout["world_size"] > 1:
+        raise ConfigError(
+            f"{checkpoint} is a universal checkpoint, which DeepSpeed loads into a ZeRO optimizer only; "
+            "set parallel.zero_stage to 1, 2 or 3"
+        )
+    stages_before = marker.get("pipeline_parallel", 1)
+    stages_now = layout["pipeline_parallel"]
+    if (stages_before > 1) != (stages_now > 1):
+        raise ConfigError(
+            f"{checkpoint} holds the model's {'pipeline' if stages_before > 1 else 'plain'} form "
+            f"(pipeline_parallel={stages_before}) and parallel.pipeline_parallel={stages_now} needs the "
+            f"{'pipeline' if stages_now > 1 else 'plain'} one, whose parameters are named otherwise; resume "
+            f"with {'2 or more stages' if stages_before > 1 else 'parallel.pipeline_parallel=1'}"
+        )
+    same_streams = marker.get("data_parallel") == layout["data_parallel"] or config.data.global_batches
+    if not same_streams and not restart_data:
+        raise ConfigError(
+            f"{checkpoint} was trained with data_parallel={marker.get('data_parallel')} and this run has "
+            f"{layout['data_parallel']}: its data position names other streams. Pass --restart-data to read "
+            "the data from its beginning, or train with data.global_batches=true (the same batches at any "
+            "data-parallel size, so the position carries over)"
+        )
+
+
 def _step_of(path: Optional[Path]) -> int:
     return -1 if path is None else int(path.name.removeprefix("global_step"))
 
@@ -334,13 +368,20 @@ def preflight(
     data_stream = data_stream_settings(config.data, train_shards)
     checkpoint = resolve_resume(resume, config.checkpoint.dir)
     if checkpoint is not None:
-        try:
-            check_layout(
-                checkpoint,
-                parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size, config.parallel.pipeline_parallel),
-            )
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(str(error)) from None
+        layout = parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size, config.parallel.pipeline_parallel)
+        marker = read_marker(checkpoint)
+        if marker.get("universal"):
+            check_universal_resume(checkpoint, marker, config, layout, restart_data)
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+            if ds_config["zero_optimization"]["stage"] == 0 and info.world_size == 1:
+                # DeepSpeed reads universal checkpoints into ZeRO optimizers only; over one rank,
+                # stage 1 computes what stage 0 does.
+                ds_config["zero_optimization"]["stage"] = 1
+        else:
+            try:
+                check_layout(checkpoint, layout)
+            except (ValueError, FileNotFoundError) as error:
+                raise ConfigError(str(error)) from None
         check_resume_config(checkpoint, config, tokenizer, data_stream, restart_data)
     elif restart_data:
         log.info("--restart-data: nothing to resume, so it changes nothing")

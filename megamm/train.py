@@ -22,6 +22,7 @@ import yaml
 from megamm.config import TrainConfig, to_dict
 from megamm.data import Batch, DataPosition, build_train_loader, iter_eval_batches, placeholder_batch
 from megamm.engine import (
+    UNIVERSAL_CHECKPOINT_INFO,
     LaunchInfo,
     Preempted,
     RunLock,
@@ -39,6 +40,7 @@ from megamm.engine import (
     load_model_weights,
     loss_scale,
     make_runner,
+    universal_checkpoint_info,
     model_construction,
     full_numel,
     save_checkpoint,
@@ -356,7 +358,11 @@ class Trainer:
                 self._set_aside_abandoned_line()
             self.line_start = None
         self._sync_state()
-        client_state = {"train_state": asdict(self.state), "config": to_dict(self.config)}
+        client_state = {
+            "train_state": asdict(self.state),
+            "config": to_dict(self.config),
+            UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(self.config.model.text.vocab_size),
+        }
         # This rank's random streams (dropout draws from them), for an exact resume; the same on every
         # data-parallel rank, so DeepSpeed keeping data-parallel rank 0's client state loses nothing.
         client_state["rng_state"] = {

@@ -42,6 +42,7 @@ from megamm.engine.ds_config import build_ds_config, load_template
 from megamm.engine.preemption import STOP_SIGNALS, Preempted, StopRequest
 from megamm.engine.runlock import DirectoryLocked, LockLost, RunLock
 from megamm.engine.runner import Inputs, PipelineRunner, PlainRunner, StepRunner, make_runner
+from megamm.engine.universal import UNIVERSAL_CHECKPOINT_INFO, convert_to_universal, universal_checkpoint_info
 from megamm.engine.watchdog import Watchdog
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "RunLock",
     "StepRunner",
     "StopRequest",
+    "UNIVERSAL_CHECKPOINT_INFO",
     "Watchdog",
     "build_ds_config",
     "build_engine",
@@ -67,6 +69,7 @@ __all__ = [
     "check_shared_directory",
     "clamp_parameters",
     "complete_checkpoints",
+    "convert_to_universal",
     "device",
     "free_port",
     "full_numel",
@@ -89,6 +92,7 @@ __all__ = [
     "save_checkpoint",
     "set_aside_abandoned",
     "synchronize",
+    "universal_checkpoint_info",
     "warmup_cosine",
     "zero3_builds",
 ]

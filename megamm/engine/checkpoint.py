@@ -291,20 +291,55 @@ def check_layout(path: str | Path, layout: dict[str, int]) -> None:
         details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differing.items())
         raise ValueError(
             f"checkpoint {path} was written with another parallel layout ({details}); resume with "
-            "the layout it was saved with (re-sharding a checkpoint is not supported yet)"
+            "the layout it was saved with, or convert it for another one: python tools/convert_checkpoint.py "
+            f"{path} --out <new checkpoint.dir> (DeepSpeed's universal checkpoint: any tensor-parallel, "
+            "data-parallel and ZeRO layout, and any number of pipeline stages if it had stages)"
         )
 
 
 def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     """Load model, optimizer and scheduler state from a complete checkpoint; return client state."""
     path = Path(path)
-    read_marker(path)
+    universal = bool(read_marker(path).get("universal"))
+    groups = _hyperparameters(engine) if universal else None
     load_path, client_state = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    if groups is not None:
+        _repair_universal_load(engine, groups)
     return client_state or {}
+
+
+def _repair_universal_load(engine: Any, groups: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed's universal loader (0.19), which would change the trajectory.
+
+    - It gives every parameter group the first group's settings, so norms and biases would be
+      weight-decayed; the settings are the run's own (the resume check made sure they are the
+      checkpoint's), so put them back.
+    - Under ZeRO-3 it hands every parameter partition one and the same ``step`` tensor, which
+      Adam increments in place once per partition: each partition gets its own again.
+    """
+    optimizer = _inner_optimizer(engine)
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update(saved)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _inner_optimizer(engine: Any) -> Any:
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+
+
+def _hyperparameters(engine: Any) -> list[dict[str, Any]]:
+    """Each parameter group's settings, without its parameters and its scheduled learning rate."""
+    return [
+        {key: value for key, value in group.items() if key not in ("params", "lr")}
+        for group in _inner_optimizer(engine).param_groups
+    ]
 
 
 def check_shared_directory(directory: str | Path, field: str = "checkpoint.dir") -> None:

@@ -1,0 +1,160 @@
+"""Resuming on another parallel layout through DeepSpeed's universal checkpoint
+(`tools/convert_checkpoint.py`), and the refusal of every other layout change.
+
+Each source run trains 6 steps and saves at step 3; its step-3 checkpoint is converted and resumed
+on another layout, whose steps 4-6 must give the uninterrupted run's losses (1e-5 relative). All
+runs use ``data.global_batches`` (the same batches at any data-parallel size) and keep the
+contrastive batch (``micro_batch_size`` x data-parallel size) at 8.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.launch import ROOT, deepspeed_command, digest, overrides, pretrain, run, tensorboard_events
+
+COMMON = {
+    "train_steps": "6",
+    "checkpoint.save_interval": "3",
+    "logging.log_interval": "1",
+    "grad_accum_steps": "2",
+    "data.global_batches": "true",
+}
+
+
+def _args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
+    values = {**COMMON, **changes}
+    return ["--config", "tiny", *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in values.items()})]
+
+
+def _train(data: dict[str, str], run_dir: Path, ranks: int, log: Path, **changes: str) -> str:
+    result = run(deepspeed_command(ranks, _args(data, run_dir, **changes)), log)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: values[-1] for step, values in tensorboard_events(run_dir / "tensorboard", "train/loss").items()}
+
+
+def _convert(source: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools/convert_checkpoint.py"), str(source), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+# name: (source ranks, source layout, target ranks, target layout)
+CHANGES = {
+    "zero3-dp2-to-dp4": (
+        2, {"parallel.zero_stage": "3", "micro_batch_size": "4"},
+        4, {"parallel.zero_stage": "3", "micro_batch_size": "2"},
+    ),
+    "zero1-tp2xpp2-to-pp4": (
+        4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2"},
+        4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.pipeline_parallel": "4"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(data: dict[str, str], tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    runs = {}
+    for name, (ranks, layout, _, _) in CHANGES.items():
+        _train(data, root / name, ranks, root / f"{name}.log", **layout)
+        runs[name] = root / name
+    return runs
+
+
+@pytest.mark.parametrize("name", list(CHANGES))
+def test_converted_checkpoint_resumes_on_another_layout(
+    data: dict[str, str], sources: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    _, _, ranks, layout = CHANGES[name]
+    source = sources[name] / "checkpoints" / "global_step3"
+    before = digest(source)
+    converted = _convert(source, tmp_path / "run" / "checkpoints")
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert digest(source) == before, "the conversion changed its source"
+    log = _train(data, tmp_path / "run", ranks, tmp_path / "resume.log", **layout)
+    assert "resumed from" in log and "at step 3" in log
+    uninterrupted, resumed = _losses(sources[name]), _losses(tmp_path / "run")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=0), (step, resumed, uninterrupted)
+
+
+def test_other_layout_changes_are_refused_naming_the_supported_paths(
+    data: dict[str, str], sources: dict[str, Path], tmp_path: Path
+) -> None:
+    # An unconverted checkpoint on another layout: the message names the converter.
+    plain = sources["zero3-dp2-to-dp4"]
+    watched = digest(plain)
+    result = pretrain(_args(data, plain, micro_batch_size="8"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "was written with another parallel layout" in result.stderr
+    assert "python tools/convert_checkpoint.py" in result.stderr and "universal checkpoint" in result.stderr
+    assert digest(plain) == watched
+
+    # A converted pipeline checkpoint into the plain model: parameters are named otherwise.
+    converted = tmp_path / "converted" / "checkpoints"
+    assert _convert(sources["zero1-tp2xpp2-to-pp4"] / "checkpoints" / "global_step3", converted).returncode == 0
+    result = pretrain(_args(data, tmp_path / "converted", micro_batch_size="8", parallel__zero_stage="1"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "holds the model's pipeline form (pipeline_parallel=2)" in result.stderr
+    assert "resume with 2 or more stages" in result.stderr
+
+    # Another data-parallel size without data.global_batches: the data position names other streams.
+    converted = tmp_path / "dp" / "checkpoints"
+    assert _convert(plain / "checkpoints" / "global_step3", converted).returncode == 0
+    result = pretrain(_args(data, tmp_path / "dp", micro_batch_size="8", data__global_batches="false"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "its data position names other streams" in result.stderr and "--restart-data" in result.stderr
+
+    # Converting twice is refused; so is a target that already holds the step.
+    again = _convert(converted / "global_step3", tmp_path / "again")
+    assert again.returncode == 2 and "already a universal checkpoint" in again.stderr
+    clash = _convert(plain / "checkpoints" / "global_step3", converted)
+    assert clash.returncode == 2 and "exists; give an empty --out directory" in clash.stderr
+
+
+
+def _check_split_patterns(rank: int, world: int) -> None:
+    from megamm.config import load_config
+    from megamm.engine.universal import split_of
+    from megamm.model import MultiModalTransformer
+    from megamm.model.multimodal import weight_init
+    from megamm.model.pipeline import layer_specs
+    from megamm.parallel import ParallelState
+
+    config = load_config("tiny", []).model
+    parallel = ParallelState.initialize(tensor_parallel=world)
+    named = list(MultiModalTransformer(config, parallel).named_parameters())
+    for index, spec in enumerate(layer_specs(config, parallel, weight_init(config, 0))):
+        named += [(f"{index}.{name}", param) for name, param in spec.build().named_parameters()]
+
+    def expected(name: str, param: torch.nn.Parameter) -> str:
+        if not getattr(param, "tensor_model_parallel", False):
+            return "replicated"
+        if getattr(param, "partition_stride", 1) == 3:
+            return "qkv"
+        if param.partition_dim == 1:
+            return "row"
+        return "vocabulary" if name.endswith("token_embedding.weight") else "column"
+
+    kinds = {name: split_of(name) for name, _ in named}
+    assert kinds == {name: expected(name, param) for name, param in named}
+    assert set(kinds.values()) == {"replicated", "qkv", "row", "vocabulary", "column"}
+
+
+def test_split_patterns_match_how_every_parameter_is_sharded(tmp_path: Path) -> None:
+    """The patterns the converter merges by agree with each parameter's own sharding marks (at TP=2),
+    in both forms of the model: module names, and the pipeline's layer-numbered names."""
+    run_distributed(_check_split_patterns, 2, tmp_path)

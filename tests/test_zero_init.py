@@ -152,7 +152,6 @@ def _run(rank: int, world: int, out: str) -> None:
     assert _decayed(model) == _decayed(plain)
 
     # Fine-tuning's loading: another seed's partitioned model takes the plain model's weights.
-    other = partitioned_other = None
     with model_construction(ds_config, parallel):
         other = build(1)
     load_model_state(other, plain.state_dict())

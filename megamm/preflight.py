@@ -152,7 +152,7 @@ def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -
     """
     marker = read_marker(source)
     saved = marker["config"]  # resolve_init_source made sure of it
-    old, new = _flatten(saved), _flatten(to_dict(config))
+    old, new = _saved_settings(saved), _flatten(to_dict(config))
     model_changes = sorted(name for name in old.keys() | new.keys() if name.startswith("model.") and old.get(name) != new.get(name))
     problems = []
     if model_changes:
@@ -241,6 +241,12 @@ def _report_incomplete(checkpoint_dir: str, chosen: Optional[Path]) -> None:
             log.info("ignoring %s: an older checkpoint without %s", path, MARKER)
 
 
+def _saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config, flattened; a field it predates counts at its default (what the megamm
+    that wrote it did, e.g. ``model.dropout`` 0)."""
+    return {**_flatten(to_dict(TrainConfig())), **_flatten(saved)}
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -271,7 +277,7 @@ def check_resume_config(
     if "config" not in marker:
         log.warning("%s holds no saved config (an older megamm wrote it); cannot compare it with this one", checkpoint)
         return
-    old, new = _flatten(marker["config"]), _flatten(to_dict(config))
+    old, new = _saved_settings(marker["config"]), _flatten(to_dict(config))
     differing = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
     refused = [name for name in differing if name.startswith(FROM_CHECKPOINT)]
     parts = [_changes(refused, old, new)] if refused else []

@@ -191,6 +191,24 @@ def test_startup_names_split_sizes_and_the_incomplete_checkpoint_it_skips(
     assert len(moved) == 1 and (moved[0] / "mp_rank_00_model_states.pt").read_bytes() == b"cut short"
 
 
+def test_checkpoint_from_before_a_new_setting_resumes_at_its_default(
+    data: dict[str, str], finished_run: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written before model.dropout, parallel.sequence_parallel and data.global_batches
+    existed records none of them; they count at their defaults (what that megamm did), not as changes."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    marker_path = run_dir / "checkpoints" / "global_step4" / "megamm_complete.json"
+    marker = json.loads(marker_path.read_text())
+    for section, key in (("model", "dropout"), ("model", "attention_dropout"), ("parallel", "sequence_parallel"),
+                         ("data", "global_batches")):
+        del marker["config"][section][key]
+    marker_path.write_text(json.dumps(marker))
+    result = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="5", checkpoint__save_interval="100")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 4" in result.stderr and "model.dropout" not in result.stderr
+
+
 def test_launcherless_run_chooses_a_free_port(data: dict[str, str], tmp_path: Path) -> None:
     taken = socket.socket()
     try:

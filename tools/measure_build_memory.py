@@ -276,8 +276,9 @@ def plain_ranks(requested: str, ranks: int, tp: int, full_bytes: int) -> tuple[i
     for count in range(ranks, tp - 1, -1):
         if ranks % count == 0 and count % tp == 0 and count * per_rank <= budget:
             why = "" if count == ranks else (
-                f"{ranks} ranks would need ~{ranks * per_rank / GB:.0f} GB of the {available_bytes() / GB:.0f} GB "
-                "available; a plain build's per-rank memory does not depend on the number of ranks"
+                f"{ranks} ranks would need ~{ranks * per_rank / GB:.0f} GB, more than 3/4 of the "
+                f"{available_bytes() / GB:.0f} GB available; a plain build's per-rank memory does not depend on the "
+                "number of ranks"
             )
             return count, why
     return tp, "even the fewest ranks may not fit; trying anyway"

@@ -9,11 +9,9 @@ model-parallel layers and cross entropy on the same weights, at TP 2 and 4.
 
 Sequence parallelism is Megatron's: outside the tensor-parallel matmuls each rank holds a slice of the
 sequence, ``gather_from_sequence`` takes the place of the column-parallel layer's ``copy_to_group``, and
-``reduce_scatter_to_sequence`` that of the row-parallel layer's all-reduce. ``ColumnParallelLinear`` and
-``RowParallelLinear`` have no sequence-parallel mode (their forward always enters and leaves through
-those two mappings, and ``gather_from_sequence`` before ``ColumnParallelLinear`` would reduce the input
-gradient twice), so the sequence-parallel cases run the layers' own weight shards between the sequence
-mappings, with ``F.linear``.
+``reduce_scatter_to_sequence`` that of the row-parallel layer's all-reduce: the sequence-parallel cases
+run ``ColumnParallelLinear`` and ``RowParallelLinear`` with ``sequence_parallel=True``, on each rank's
+slice of the sequence.
 
 Each spawn of ``tp`` processes runs every check of its kind, and reports every failing one.
 
@@ -38,8 +36,6 @@ from megamm.parallel import (
     ParallelState,
     RowParallelLinear,
     VocabParallelEmbedding,
-    gather_from_sequence,
-    reduce_scatter_to_sequence,
     scatter_to_sequence,
     shard_of,
     vocab_parallel_cross_entropy,
@@ -127,18 +123,18 @@ def _column(r: Rank, gather_output: bool, stacked: int, sequence_parallel: bool)
     (ref_y * upstream).sum().backward()
 
     layer = ColumnParallelLinear(
-        HIDDEN, out, r.group, gather_output=gather_output, init_method=_copying(*weight.chunk(stacked)), stacked=stacked
+        HIDDEN, out, r.group, gather_output=gather_output, init_method=_copying(*weight.chunk(stacked)), stacked=stacked,
+        sequence_parallel=sequence_parallel,
     )
     with torch.no_grad():
         layer.bias.copy_(r.shard(bias, 0, stacked))
     if sequence_parallel:
-        x_in = _leaf(x[:, r.own])  # (B, T / tp, H)
-        y = F.linear(gather_from_sequence(x_in, r.group), layer.weight, layer.bias)  # (B, T, out / tp)
+        x_in = _leaf(x[:, r.own])  # (B, T / tp, H): this rank's slice of the sequence
         expected_x_grad = ref_x.grad[:, r.own]
     else:
         x_in = _leaf(x)  # (B, T, H), replicated
-        y = layer(x_in)  # (B, T, out) gathered, else (B, T, out / tp)
         expected_x_grad = ref_x.grad
+    y = layer(x_in)  # (B, T, out) gathered, else (B, T, out / tp)
     expected_y = ref_y.detach() if gather_output else r.shard(ref_y.detach(), -1, stacked)
     (y * (upstream if gather_output else r.shard(upstream, -1, stacked))).sum().backward()
 
@@ -157,25 +153,23 @@ def _row(r: Rank, input_is_parallel: bool, sequence_parallel: bool) -> None:
     ref_y = F.linear(ref_h, ref_w, ref_b)  # (B, T, H)
     (ref_y * upstream).sum().backward()
 
-    layer = RowParallelLinear(FFN, HIDDEN, r.group, input_is_parallel=input_is_parallel, init_method=_copying(weight))
+    layer = RowParallelLinear(
+        FFN, HIDDEN, r.group, input_is_parallel=input_is_parallel, init_method=_copying(weight),
+        sequence_parallel=sequence_parallel,
+    )
     with torch.no_grad():
         layer.bias.copy_(bias)
     h_in = _leaf(r.shard(h, -1) if input_is_parallel else h)  # (B, T, FFN / tp) or (B, T, FFN)
-    if sequence_parallel:
-        partial = F.linear(h_in, layer.weight)  # (B, T, H), this rank's share of the sum
-        y = reduce_scatter_to_sequence(partial, r.group) + layer.bias  # (B, T / tp, H)
-        expected_y, upstream = ref_y.detach()[:, r.own], upstream[:, r.own]
-    else:
-        y, expected_y = layer(h_in), ref_y.detach()  # (B, T, H), replicated
-    (y * upstream).sum().backward()
+    y = layer(h_in)  # (B, T / tp, H) this rank's slice of the sequence, else (B, T, H) replicated
+    expected_y = ref_y.detach()[:, r.own] if sequence_parallel else ref_y.detach()
+    (y * (upstream[:, r.own] if sequence_parallel else upstream)).sum().backward()
 
     _close(y, expected_y, "output")
     _close(h_in.grad, r.shard(ref_h.grad, -1) if input_is_parallel else ref_h.grad, "input gradient")
     _close(layer.weight.grad, r.shard(ref_w.grad, 1), "weight gradient shard")
-    if sequence_parallel:  # each rank saw its slice of the sequence: the whole is the group's sum
-        _close(r.sum_over_group(layer.bias.grad), ref_b.grad, "bias gradient summed over the group")
-    else:
-        _close(layer.bias.grad, ref_b.grad, "bias gradient")
+    # Under sequence parallelism each rank adds the bias to its slice; the layer sums the slices'
+    # shares of its gradient over the group, so every rank holds the whole sequence's.
+    _close(layer.bias.grad, ref_b.grad, "bias gradient")
 
 
 def _embedding(r: Rank, sequence_parallel: bool) -> None:
@@ -217,17 +211,12 @@ def _lm_head_cross_entropy(
     )  # fmt: skip
     ref_loss.backward()
 
-    layer = ColumnParallelLinear(HIDDEN, VOCAB, r.group, init_method=_copying(weight))
+    layer = ColumnParallelLinear(HIDDEN, VOCAB, r.group, init_method=_copying(weight), sequence_parallel=sequence_parallel)
     with torch.no_grad():
         layer.bias.copy_(r.shard(bias, 0))
-    if sequence_parallel:
-        h_in = _leaf(h[:, r.own])  # (B, T / tp, H)
-        logits = F.linear(gather_from_sequence(h_in, r.group), layer.weight, layer.bias)  # (B, T, V / tp)
-        expected_h_grad = ref_h.grad[:, r.own]
-    else:
-        h_in = _leaf(h)
-        logits = layer(h_in)  # (B, T, V / tp)
-        expected_h_grad = ref_h.grad
+    h_in = _leaf(h[:, r.own] if sequence_parallel else h)  # (B, T / tp, H) a slice of the sequence, or (B, T, H)
+    expected_h_grad = ref_h.grad[:, r.own] if sequence_parallel else ref_h.grad
+    logits = layer(h_in)  # (B, T, V / tp)
     loss = vocab_parallel_cross_entropy(
         logits, target, group=r.group, ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction
     )

@@ -517,9 +517,8 @@ def _train(
     check_shared_directory(config.checkpoint.dir)
     parallel = ParallelState.initialize(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
     zero_stage = plan.ds_config["zero_optimization"]["stage"]
-    log.info(
-        "%d ranks: tp=%d pp=%d dp=%d zero=%d", info.world_size, parallel.tp_size, parallel.pp_size, plan.dp_size, zero_stage
-    )
+    stages = f" pp={parallel.pp_size}" if parallel.pp_size > 1 else ""
+    log.info("%d ranks: tp=%d%s dp=%d zero=%d", info.world_size, parallel.tp_size, stages, plan.dp_size, zero_stage)
     log.info("hosts: %s", _rank_hosts(info.world_size))
     if zero_stage != config.parallel.zero_stage:
         log.info(

@@ -1,8 +1,11 @@
-"""tools/bench_parallel.py end to end at tiny sizes: both parts' files, and measured bytes equal predicted."""
+"""tools/bench_parallel.py end to end at tiny sizes: every part's files, measured bytes equal predicted,
+and a pipeline bubble that shrinks as the micro-batches grow."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_bench_parallel_writes_both_parts(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     command = [
-        sys.executable, str(ROOT / "tools/bench_parallel.py"), "--out", str(out),
+        sys.executable, str(ROOT / "tools/bench_parallel.py"), "--part", "layers", "comm", "--out", str(out),
         "--batch", "2", "--seq", "8", "--hidden", "16", "--heads", "4", "--ffn", "32", "--vocab", "64",
         "--repeats", "2", "--iters", "2", "--warmup", "1", "--min-seconds", "0", "--threads", "1",
         "--tp", "2", "4", "--comm-steps", "2",
@@ -57,3 +60,46 @@ def test_bench_parallel_writes_both_parts(tmp_path: Path) -> None:
         assert text in report
     for figure in ("layers.png", "comm.png"):
         assert (out / figure).read_bytes()[:8] == PNG, figure
+
+
+def test_bench_parallel_bubble(tmp_path: Path) -> None:
+    """Two pipeline stages of two tiny blocks at m = 1, 4, 16: the files, the fit, and the bubble."""
+    out = tmp_path / "bench"
+    micro_batches, repeats = [1, 4, 16], 9
+    command = [
+        sys.executable, str(ROOT / "tools/bench_parallel.py"), "--part", "bubble", "--out", str(out),
+        "--batch", "2", "--seq", "16", "--hidden", "32", "--heads", "4", "--ffn", "64",
+        "--stages", "2", "--blocks-per-stage", "2", "--micro-batches", *map(str, micro_batches),
+        "--bubble-repeats", str(repeats), "--bubble-warmup", "1",
+    ]  # fmt: skip
+    result = run(command, tmp_path / "bench.log", timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["parts"]) == {"bubble"}
+    section = results["parts"]["bubble"]
+    assert section["stages"] == 2 and section["layers_per_stage"] == [2, 2]
+    fit = section["fit"]
+    assert fit["slope_ms"] > 0 and fit["optimizer_step_ms"] > 0
+    assert fit["intercept_ms"] == pytest.approx(fit["fill_drain_ms"] + fit["optimizer_step_ms"] + fit["residual_ms"])
+    runs = section["runs"]
+    assert [r["micro_batches"] for r in runs] == micro_batches
+    measured, idle = [], []
+    for entry in runs:
+        m = entry["micro_batches"]
+        assert entry["predicted"] == pytest.approx(1 / (m + 1))  # (p - 1) / (m + p - 1) at p = 2
+        assert math.isfinite(entry["last_loss"])
+        for key in ("step_ms", "bubble_fit", "bubble_fit_net", "idle_timed"):
+            assert len(entry[key]) == repeats, key
+        step = statistics.median(entry["step_ms"])
+        assert statistics.median(entry["bubble_fit"]) == pytest.approx((step - m * fit["slope_ms"]) / step)
+        measured.append(statistics.median(entry["bubble_fit"]))
+        idle.append(statistics.median(entry["idle_timed"]))
+    assert all(0 < b < 1 for b in measured + idle), (measured, idle)
+    assert measured == sorted(measured, reverse=True) and len(set(measured)) == len(measured), measured
+    assert idle == sorted(idle, reverse=True) and len(set(idle)) == len(idle), idle
+
+    report = (out / "results.md").read_text()
+    for text in ("## Pipeline bubble", "predicted (p-1)/(m+p-1)", "PipelineModule"):
+        assert text in report
+    assert (out / "bubble.png").read_bytes()[:8] == PNG

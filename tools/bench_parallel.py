@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Tensor-parallel benchmark, in parts: the layers' own overhead, and communication against theory.
+"""Parallelism benchmark, in parts: the tensor-parallel layers' own overhead, their communication
+against theory, and the pipeline bubble against theory.
 
 ``--part layers``: megamm's tensor-parallel layers at TP=1 (no process group: every mapping is the
 identity) against plain ``torch.nn`` layers of the same shapes and the same weights, forward +
@@ -28,13 +29,37 @@ and the same block's weights in Megatron's sequence-parallel form (megamm's laye
 sequence-parallel mode yet), where megamm's mappings run each reduce-scatter on gloo as an
 all-reduce of the same tensor (``as_run``).
 
-``--part bubble`` (the pipeline bubble) is reserved for a third part, not written yet.
+``--part bubble``: the bubble of DeepSpeed's 1F1B pipeline schedule against (p - 1) / (m + p - 1).
+A DeepSpeed ``PipelineModule`` of ``--stages`` x ``--blocks-per-stage`` identical ``TransformerBlock``
+layers (no tensor-parallel group) on one (B, T, H) activation, partitioned uniformly (every stage
+alike), the mean of squares as its loss, AdamW through ``megamm.engine.build_engine``, ZeRO stage 0,
+fp32, gradient clipping 1.0; one process per stage, gloo on 127.0.0.1, cores / stages threads each.
+A step is one ``train_batch`` of m micro-batches of B (``gradient_accumulation_steps`` = m, set
+between steps on the same engine by ``set_train_batch_size``); per m, ``--bubble-warmup`` untimed
+steps, then ``--bubble-repeats`` timed ones, every m once per repeat in an order that rotates; a
+step's time T(m) is the slowest stage's.
+
+In the ideal 1F1B model T(m) = (m + p - 1) t_mb, t_mb one micro-batch's forward + backward on one
+stage, and the bubble (the fraction of a step a stage idles) is (T(m) - m t_mb) / T(m) =
+(p - 1) / (m + p - 1). The slope of the least-squares line through the median T(m) is t_mb; its
+intercept is (p - 1) t_mb plus the work of a step that does not grow with m. Per m, per repeat:
+
+- the bubble with the intercept counted as bubble: (T(m) - m t_mb) / T(m);
+- the bubble with the optimizer step removed: (T(m) - c - m t_mb) / (T(m) - c), c the first
+  stage's optimizer step (the first stage runs a step's last backward pass, so the step waits for
+  its optimizer step), timed inside the same steps: each pipeline instruction of the engine is
+  wrapped in a timer;
+- the stage idle fraction, timed without the fit: 1 - (time in the forward and backward
+  instructions, mean over stages) / T(m).
+
+More stages than cores (``--stages 4`` on 2 cores) time-slice the cores: allowed, and flagged.
 
 Each part writes its section of ``results.json``, ``results.md`` and its own PNG under ``--out``;
 sections of other parts already there are kept, so parts can be rerun one at a time.
 
-    python tools/bench_parallel.py --out docs/benchmarks/parallel              # layers and comm
+    python tools/bench_parallel.py --out docs/benchmarks/parallel              # all three parts
     python tools/bench_parallel.py --part comm --tp 2 4 8 --out runs/bench_parallel
+    python tools/bench_parallel.py --part bubble --stages 4 --micro-batches 1 2 4 8 16 --out runs/bench_parallel
 """
 
 from __future__ import annotations
@@ -263,6 +288,11 @@ def measure_layers(args: argparse.Namespace) -> dict[str, Any]:
 def _spread(values: list[float], digits: int = 3) -> str:
     """``median [min, max]``."""
     return f"{statistics.median(values):.{digits}g} [{min(values):.{digits}g}, {max(values):.{digits}g}]"
+
+
+def _spread_fixed(values: list[float], decimals: int) -> str:
+    """``median [min, max]`` with ``decimals`` digits after the point."""
+    return f"{statistics.median(values):.{decimals}f} [{min(values):.{decimals}f}, {max(values):.{decimals}f}]"
 
 
 LAYER_LABELS = {
@@ -498,19 +528,296 @@ def plot_comm(section: dict[str, Any], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Part c: the pipeline bubble (not written yet)
+# Part c: the pipeline bubble against (p - 1) / (m + p - 1)
+
+COMPUTE = ("ForwardPass", "BackwardPass")
+"""DeepSpeed's pipeline instructions that compute (the rest send, receive, load or step)."""
+END_OF_STEP = ("ReduceTiedGrads", "ReduceGrads", "OptimizerStep")
+"""The instructions that end a step on every stage: gradient reductions (none at DP=1), the optimizer."""
+
+
+def predicted_bubble(micro_batches: int, stages: int) -> float:
+    """The idle fraction of a balanced 1F1B pipeline without fixed costs: (p - 1) / (m + p - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def squared_mean(outputs: torch.Tensor, labels: Any) -> torch.Tensor:
+    """The pipeline's loss: the mean of the squared last activation (the labels are placeholders)."""
+    return outputs.pow(2).mean()
+
+
+def _time_instructions(engine: Any, seconds: dict[str, float]) -> None:
+    """Make ``engine`` add the seconds each pipeline instruction takes to ``seconds[name]``.
+
+    ``PipelineEngine._exec_schedule`` looks each instruction up in ``self._INSTRUCTION_MAP``; an
+    instance attribute of that name, with every method wrapped in a timer, shadows the class's.
+    """
+    timed = {}
+    for kind, execute in type(engine)._INSTRUCTION_MAP.items():
+
+        def run(self: Any, *args: Any, _execute: Callable[..., Any] = execute, _name: str = kind.__name__,
+                **kwargs: Any) -> Any:  # fmt: skip
+            start = time.perf_counter()
+            try:
+                return _execute(self, *args, **kwargs)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+
+        timed[kind] = run
+    engine._INSTRUCTION_MAP = timed
+
+
+def bubble_worker(
+    rank: int, world: int, port: int, sizes: dict[str, int], plan: dict[str, Any], result: str
+) -> None:
+    """One stage: a PipelineEngine of identical TransformerBlocks, ``train_batch`` timed at every m."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    import logging
+
+    import torch.distributed as dist
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.utils import logger as deepspeed_logger
+
+    from megamm.config import OptimConfig
+    from megamm.engine import build_engine, init_distributed
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    init_distributed()
+    torch.set_num_threads(plan["threads"])
+    parallel = ParallelState.initialize(tensor_parallel=1, pipeline_parallel=world)
+    b, t, h = sizes["batch"], sizes["seq"], sizes["hidden"]
+    blocks = world * plan["blocks_per_stage"]
+    torch.manual_seed(0)
+    specs = [LayerSpec(TransformerBlock, h, sizes["heads"], sizes["ffn"], None, WeightInit(), blocks)
+             for _ in range(blocks)]  # fmt: skip
+    model = PipelineModule(layers=specs, num_stages=world, loss_fn=squared_mean, partition_method="uniform")
+    ms = plan["micro_batches"]
+    ds_config = {
+        "train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": ms[0],
+        "zero_optimization": {"stage": plan["zero_stage"]}, "gradient_clipping": 1.0, "steps_per_print": 1 << 30,
+    }  # fmt: skip
+    engine = build_engine(model, OptimConfig(lr=1e-4, warmup_steps=0), 1 << 30, ds_config, parallel)
+    seconds: dict[str, float] = {}
+    _time_instructions(engine, seconds)
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randn(b, t, h, generator=generator), torch.zeros(1)) for _ in range(max(ms))]
+
+    def step(m: int) -> dict[str, Any]:
+        engine.set_train_batch_size(m * b)  # m micro-batches of B: gradient_accumulation_steps = m
+        seconds.clear()
+        dist.barrier()
+        start = time.perf_counter()
+        loss = engine.train_batch(iter(data[:m]))
+        total = time.perf_counter() - start
+        return {"step_ms": 1000 * total, "loss": float(loss), **{k: 1000 * v for k, v in seconds.items()}}
+
+    for m in ms:
+        for _ in range(plan["warmup"]):
+            step(m)
+    steps: dict[int, list[dict[str, Any]]] = {m: [] for m in ms}  # per m, per repeat: step and instruction ms
+    for repeat in range(plan["repeats"]):
+        for m in ms[repeat % len(ms):] + ms[: repeat % len(ms)]:  # the order rotates: drift hits every m alike
+            steps[m].append(step(m))
+        if rank == 0:
+            print(f"  repeat {repeat + 1}/{plan['repeats']}: " + ", ".join(
+                f"m={m} {steps[m][-1]['step_ms']:.0f} ms" for m in ms), flush=True)  # fmt: skip
+    stages: list[Any] = [None] * world
+    dist.all_gather_object(stages, {"stage": engine.stage_id, "layers": list(model.parts), "steps": steps})
+    if rank == 0:
+        Path(result).write_text(json.dumps({"stages": stages, "threads": torch.get_num_threads()}))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # a DeepSpeed engine's teardown can abort in a C++ destructor after a clean run
+
+
+def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``(intercept, slope)`` of ys on xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def analyse_bubble(stages: list[dict[str, Any]], micro_batches: list[int]) -> dict[str, Any]:
+    """Per m: step times, the bubble three ways (see the module docstring); the fit and the fixed step work.
+
+    ``stages``: per stage, ``steps[m]`` is a list (over repeats) of ``{"step_ms", instruction: ms}``.
+    """
+    p = len(stages)
+    stages = sorted(stages, key=lambda s: s["stage"])
+    per_m: dict[int, dict[str, Any]] = {}
+    for m in micro_batches:
+        runs = [s["steps"][str(m)] for s in stages]  # JSON's keys are strings
+        repeats = len(runs[0])
+        step_ms = [max(run[r]["step_ms"] for run in runs) for r in range(repeats)]  # the slowest stage's
+        compute = [[sum(run[r].get(k, 0.0) for k in COMPUTE) for r in range(repeats)] for run in runs]
+        per_m[m] = {
+            "step_ms": step_ms,
+            "compute_ms": compute,  # per stage, per repeat: time in ForwardPass + BackwardPass
+            "end_of_step_ms": [[sum(run[r].get(k, 0.0) for k in END_OF_STEP) for r in range(repeats)] for run in runs],
+            "idle": [1 - statistics.fmean(c[r] for c in compute) / step_ms[r] for r in range(repeats)],
+            "compute_per_micro_batch": [[v / m for v in c] for c in compute],
+            "instructions_ms": [  # per stage: each instruction's median ms over the repeats
+                {k: statistics.median(step.get(k, 0.0) for step in run) for k in run[0] if k not in ("step_ms", "loss")}
+                for run in runs
+            ],
+            "loss": runs[0][-1]["loss"],
+        }  # fmt: skip
+    intercept, slope = _fit_line([float(m) for m in micro_batches],
+                                 [statistics.median(per_m[m]["step_ms"]) for m in micro_batches])  # fmt: skip
+    # The first stage runs the last backward pass of a step, so its optimizer step is the one the step waits for.
+    fixed = statistics.median(v for m in micro_batches for v in per_m[m]["end_of_step_ms"][0])
+    runs = []
+    for m in micro_batches:
+        e = per_m[m]
+        runs.append({
+            "micro_batches": m,
+            "step_ms": e["step_ms"],
+            "fit_ms": intercept + slope * m,
+            "predicted": predicted_bubble(m, p),
+            "bubble_fit": [(t - m * slope) / t for t in e["step_ms"]],
+            "bubble_fit_net": [(t - fixed - m * slope) / (t - fixed) for t in e["step_ms"]],
+            "idle_timed": e["idle"],
+            "compute_ms_per_micro_batch": [statistics.median(c) / m for c in e["compute_ms"]],
+            "stage_instructions_ms": e["instructions_ms"],
+            "last_loss": e["loss"],
+        })  # fmt: skip
+    compute_per_mb = [statistics.median(v for m in micro_batches for v in per_m[m]["compute_per_micro_batch"][s])
+                      for s in range(p)]  # fmt: skip
+    parts = stages[0]["layers"]
+    end_of_step = [statistics.median(v for m in micro_batches for v in per_m[m]["end_of_step_ms"][s]) for s in range(p)]
+    return {
+        "stages": p,
+        "layers_per_stage": [parts[i + 1] - parts[i] for i in range(p)],
+        "fit": {
+            "slope_ms": slope, "intercept_ms": intercept, "fill_drain_ms": (p - 1) * slope,
+            "optimizer_step_ms": fixed, "residual_ms": intercept - (p - 1) * slope - fixed,
+        },  # fmt: skip
+        "compute_ms_per_micro_batch": compute_per_mb,  # per stage: ForwardPass + BackwardPass time / m, median
+        "end_of_step_ms": end_of_step,  # per stage: gradient reductions + optimizer step, median
+        "runs": runs,
+    }
 
 
 def measure_bubble(args: argparse.Namespace) -> dict[str, Any]:
-    raise NotImplementedError("the pipeline-bubble part of this benchmark is not written yet")
+    """Part c: ``train_batch`` of a balanced pipeline at every m, ``--stages`` processes on this machine."""
+    import torch.multiprocessing as mp
+
+    from megamm.engine import free_port
+
+    sizes = {k: getattr(args, k) for k in ("batch", "seq", "hidden", "heads", "ffn")}
+    cores = os.cpu_count() or 1
+    plan = {
+        "micro_batches": list(args.micro_batches), "blocks_per_stage": args.blocks_per_stage,
+        "repeats": args.bubble_repeats, "warmup": args.bubble_warmup, "zero_stage": 0,
+        "threads": max(1, cores // args.stages),
+    }  # fmt: skip
+    if args.stages > cores:
+        print(f"  warning: {args.stages} stages on {cores} cores: the stages share cores, the bubble is not "
+              "measured idle time but time-slicing", flush=True)  # fmt: skip
+    print(f"  {args.stages} stages x {args.blocks_per_stage} TransformerBlocks, gloo processes ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_parallel-") as workdir:
+        result = Path(workdir) / "bubble.json"
+        mp.spawn(bubble_worker, args=(args.stages, free_port(), sizes, plan, str(result)), nprocs=args.stages,
+                 join=True)  # fmt: skip
+        raw = json.loads(result.read_text())
+    section = analyse_bubble(raw["stages"], plan["micro_batches"])
+    section.update(sizes=sizes, threads=raw["threads"], cores=cores, oversubscribed=args.stages > cores,
+                   **{k: plan[k] for k in ("blocks_per_stage", "repeats", "warmup", "zero_stage")})  # fmt: skip
+    return section
 
 
 def render_bubble(section: dict[str, Any]) -> str:
-    raise NotImplementedError
+    s, fit, p = section["sizes"], section["fit"], section["stages"]
+    blocks = p * section["blocks_per_stage"]
+    per_mb = ", ".join(f"{v:.3g}" for v in section["compute_ms_per_micro_batch"])
+    lines = [
+        f"A DeepSpeed PipelineModule of {blocks} identical TransformerBlocks (B={s['batch']} T={s['seq']} "
+        f"H={s['hidden']} heads={s['heads']} FFN={s['ffn']}, fp32) on one (B, T, H) activation, "
+        f"partition_method uniform: p={p} stages of {section['blocks_per_stage']} blocks, one process each "
+        f"({section['threads']} thread(s); {section['cores']} cores"
+        f"{', **oversubscribed**' if section['oversubscribed'] else ''}), gloo on 127.0.0.1; loss: mean of squares; "
+        f"AdamW through megamm.engine.build_engine, ZeRO stage {section['zero_stage']}. A step is one "
+        "`train_batch` of m micro-batches of B (gradient_accumulation_steps = m): DeepSpeed's 1F1B "
+        f"TrainSchedule. {section['warmup']} warm-up steps per m, then {section['repeats']} repeats of every m "
+        "(the order rotates from repeat to repeat); a step's time is the slowest stage's; median [min, max] "
+        "over repeats.",
+        "",
+        f"Fit of the median step times: T(m) = {fit['intercept_ms']:.4g} ms + m x {fit['slope_ms']:.4g} ms. "
+        "The slope is t_mb, one micro-batch's forward + backward on a stage with its sends and receives "
+        f"(timed compute alone, per stage: {per_mb} ms). The intercept = (p-1) t_mb = "
+        f"{fit['fill_drain_ms']:.4g} ms, + the first stage's optimizer step (timed inside the same steps) "
+        f"{fit['optimizer_step_ms']:.3g} ms, + a residual of {fit['residual_ms']:.3g} ms. The optimizer step "
+        "clips the gradients (gradient_clipping 1.0, as megamm trains), their norm all-reduced over the stages, "
+        "so the other stages wait in it for the first stage's last backward pass: optimizer step per stage "
+        f"{', '.join(f'{v:.3g}' for v in section['end_of_step_ms'])} ms (gradient reductions included).",
+        "",
+        "| m | step ms | fit ms | predicted (p-1)/(m+p-1) | bubble, intercept counted as bubble "
+        "| bubble, optimizer step removed | stage idle, timed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in section["runs"]:
+        ms = 0 if statistics.median(r["step_ms"]) >= 100 else 1
+        lines.append(
+            f"| {r['micro_batches']} | {_spread_fixed(r['step_ms'], ms)} | {r['fit_ms']:.{ms}f} "
+            f"| **{r['predicted']:.3f}** | **{_spread_fixed(r['bubble_fit'], 3)}** "
+            f"| {_spread_fixed(r['bubble_fit_net'], 3)} | {_spread_fixed(r['idle_timed'], 3)} |"
+        )
+    lines += [
+        "",
+        "Bubble, intercept counted as bubble: (T(m) - m t_mb) / T(m), per repeat, with t_mb the slope: "
+        "everything in a step that does not grow with m is idle time. Optimizer step removed: "
+        "(T(m) - c - m t_mb) / (T(m) - c), with c the first stage's optimizer step (its gradient reductions "
+        "included). Stage idle, timed: 1 - (time in ForwardPass and BackwardPass, mean over stages) / T(m), "
+        "without the fit: sends, receives, waiting and the optimizer step count as idle.",
+    ]
+    return "\n".join(lines)
 
 
 def plot_bubble(section: dict[str, Any], path: Path) -> None:
-    raise NotImplementedError
+    """Left: step time against m, each repeat, the fit and ideal 1F1B. Right: measured and predicted bubble."""
+    plt = _pyplot()
+    runs, fit, p = section["runs"], section["fit"], section["stages"]
+    ms = [r["micro_batches"] for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in runs:
+        left.scatter([r["micro_batches"]] * len(r["step_ms"]), r["step_ms"], color="black", s=6, alpha=0.5)
+    left.plot(ms, [statistics.median(r["step_ms"]) for r in runs], "o", color="#1f77b4", label="median step")
+    left.plot(ms, [r["fit_ms"] for r in runs], "-", color="#1f77b4",
+              label=f"fit {fit['intercept_ms']:.0f} + {fit['slope_ms']:.1f} m ms")  # fmt: skip
+    left.plot(ms, [(m + p - 1) * fit["slope_ms"] for m in ms], "--", color="grey",
+              label="ideal 1F1B (m + p - 1) t_mb, t_mb = slope")  # fmt: skip
+    left.set_xlabel("micro-batches m")
+    left.set_ylabel("train_batch ms")
+    left.set_title("step time", fontsize=9)
+    left.legend(fontsize=8)
+    for key, label, color, shift in (
+        ("bubble_fit", "measured: intercept counted as bubble", "#1f77b4", 0.97),
+        ("bubble_fit_net", "measured: optimizer step removed", "#2ca02c", 1.0),
+        ("idle_timed", "stage idle, timed", "#ff7f0e", 1.03),
+    ):
+        medians = [statistics.median(r[key]) for r in runs]
+        low = [med - min(r[key]) for med, r in zip(medians, runs)]
+        high = [max(r[key]) - med for med, r in zip(medians, runs)]
+        right.errorbar([m * shift for m in ms], medians, yerr=[low, high], fmt="o-", color=color, capsize=3,
+                       markersize=4, linewidth=1, label=label)  # fmt: skip
+    right.plot(ms, [r["predicted"] for r in runs], "s--", color="black", label=f"predicted (p-1)/(m+p-1), p={p}")
+    right.set_xscale("log", base=2)
+    for ax in (left, right):
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.grid(alpha=0.3)
+    right.set_ylim(0, 1)
+    right.set_xlabel("micro-batches m")
+    right.set_ylabel("bubble: idle fraction of a step")
+    right.set_title("pipeline bubble (median, min-max over repeats)", fontsize=9)
+    right.legend(fontsize=7)
+    fig.suptitle(f"DeepSpeed 1F1B pipeline, {p} stages x {section['blocks_per_stage']} TransformerBlocks, gloo on CPU",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,7 +840,6 @@ PARTS: dict[str, Part] = {
     "comm": Part("Communication against Megatron's analysis", measure_comm, render_comm, plot_comm, "comm.png"),
     "bubble": Part("Pipeline bubble", measure_bubble, render_bubble, plot_bubble, "bubble.png"),
 }
-READY = ("layers", "comm")
 
 
 def _pyplot() -> Any:
@@ -563,7 +869,7 @@ def machine() -> dict[str, Any]:
 def render_report(results: dict[str, Any]) -> str:
     m = results["machine"]
     parts = [
-        "# Tensor-parallel benchmark",
+        "# Parallelism benchmark",
         "",
         f"{m['arch']}, {m['nproc']} cores ({m['cpu']}), torch {m['torch']}, Python {m['python']}"
         f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}.",
@@ -604,10 +910,10 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(READY),
-                        help="parts to run (default: %(default)s); bubble is not written yet")  # fmt: skip
+    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS),
+                        help="parts to run (default: %(default)s)")
     parser.add_argument("--out", default="runs/bench_parallel", help="results.json, results.md and the PNGs")
-    sizes = parser.add_argument_group("sizes (both parts)")
+    sizes = parser.add_argument_group("sizes (every part)")
     sizes.add_argument("--batch", type=int, default=8)
     sizes.add_argument("--seq", type=int, default=128)
     sizes.add_argument("--hidden", type=int, default=256)
@@ -624,12 +930,25 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     comm = parser.add_argument_group("comm part")
     comm.add_argument("--tp", type=int, nargs="+", default=[2, 4], help="tensor-parallel sizes (processes)")
     comm.add_argument("--comm-steps", type=int, default=3, help="counted steps per TP size and form")
+    bubble = parser.add_argument_group("bubble part")
+    bubble.add_argument("--stages", type=int, default=2,
+                        help="pipeline stages, one process each (more than the cores oversubscribe them)")
+    bubble.add_argument("--blocks-per-stage", type=int, default=2, help="TransformerBlocks per stage")
+    bubble.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="micro-batch counts m per step (at least two, for the fit)")
+    bubble.add_argument("--bubble-repeats", type=int, default=15, help="timed steps per m")
+    bubble.add_argument("--bubble-warmup", type=int, default=2, help="untimed steps per m first")  # fmt: skip
     args = parser.parse_args(argv)
     args.argv = argv
-    if "bubble" in args.part:
-        parser.error("--part bubble: the pipeline-bubble part is not written yet")
-    if min(args.repeats, args.iters, args.warmup, args.comm_steps) < 1:
-        parser.error("--repeats, --iters, --warmup and --comm-steps must be >= 1")
+    if min(args.repeats, args.iters, args.warmup, args.comm_steps, args.blocks_per_stage, args.bubble_repeats) < 1:
+        parser.error("--repeats, --iters, --warmup, --comm-steps, --blocks-per-stage and --bubble-repeats must be >= 1")
+    if args.bubble_warmup < 0:
+        parser.error("--bubble-warmup must be >= 0")
+    if args.stages < 2:
+        parser.error("--stages must be >= 2: a pipeline of one stage has no bubble")
+    args.micro_batches = sorted(set(args.micro_batches))
+    if len(args.micro_batches) < 2 or args.micro_batches[0] < 1:
+        parser.error("--micro-batches needs at least two different counts >= 1 (the fit's slope)")
     for tp in args.tp:
         if args.heads % tp or args.seq % tp or args.ffn % tp or args.hidden % tp:
             parser.error(f"--tp {tp} must divide --heads, --seq, --hidden and --ffn")

@@ -19,7 +19,7 @@ def weight_init(config: ModelConfig, seed: Optional[int] = None) -> WeightInit:
     """The model's initialisation; ``seed=None`` draws the base seed from torch's global generator
     (so ``torch.manual_seed(s)`` before building fixes the model, as for any torch module)."""
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # also when building on "meta"
     return WeightInit(config.init, config.init_std, config.token_embedding_std, seed)
 
 

@@ -222,10 +222,12 @@ class MegammTrainee(Trainee):
         clamp_parameters(self.engine)
 
     def recall_at_1(self) -> float:
+        from megamm.engine import make_runner
         from megamm.train import evaluate_retrieval
 
         share = self.eval_batches[self.parallel.dp_rank :: self.parallel.dp_size]
-        metrics, _ = evaluate_retrieval(self.engine, share, self.parallel, self.eval_batches[0])
+        runner = make_runner(self.engine, self.parallel)
+        metrics, _ = evaluate_retrieval(runner, share, self.parallel, self.eval_batches[0])
         return metrics["text_to_image_R@1"]
 
 

@@ -31,9 +31,11 @@ LAYOUTS: dict[str, tuple[int, int, dict[str, str]]] = {
     "TP=2 x DP=2 ZeRO-3": (4, 2, {"parallel.tensor_parallel": "2", "parallel.zero_stage": "3"}),
     "PP=2": (2, 1, {"parallel.pipeline_parallel": "2", "parallel.zero_stage": "1"}),
     "TP=2 x PP=2": (4, 1, {"parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2", "parallel.zero_stage": "1"}),
-    # Beyond the seven: the loss the pipeline logs is averaged over data-parallel ranks; a user-given split.
-    "PP=2 x DP=2, split 3,6": (
-        4, 2, {"parallel.pipeline_parallel": "2", "parallel.zero_stage": "1", "parallel.pipeline_partition": "3,6"}
+    # Beyond the seven: all three at once (the loss the pipeline logs is averaged over data-parallel
+    # ranks), with a user-given split.
+    "TP=2 x PP=2 x DP=2, split 3,6": (
+        8, 2, {"parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2", "parallel.zero_stage": "1",
+               "parallel.pipeline_partition": "3,6"},
     ),
 }
 

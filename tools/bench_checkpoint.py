@@ -51,9 +51,7 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megamm.config import TrainConfig, load_config  # noqa: E402
+from tools.jobs import run_launch  # noqa: E402
 
 RANKS = 2
 MB = 1e6
@@ -579,15 +578,6 @@ def _worker_command(args: argparse.Namespace, run_dir: Path, result: Path, port:
     return [*launcher, *script, *overrides]
 
 
-def _remove_shm_leftovers(port: int) -> None:
-    """Remove DeepSpeed's shared-memory all-reduce segments of this job's port, should a rank have
-    died before megamm unlinked them."""
-    shm = Path("/dev/shm")
-    if shm.is_dir():
-        for path in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
-            path.unlink(missing_ok=True)
-
-
 def run_job(args: argparse.Namespace, run_dir: Path, log_path: Path, overrides: list[str]) -> Optional[dict[str, Any]]:
     """Launch the 2-rank job in a session of its own; stop its process group by PID however it ends."""
     from megamm.engine import free_port
@@ -598,21 +588,9 @@ def run_job(args: argparse.Namespace, run_dir: Path, log_path: Path, overrides: 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"the job ran past --timeout {args.timeout:.0f} s; stopped it", file=sys.stderr)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # its ranks, if any outlived the launcher
-            process.wait()
-            _remove_shm_leftovers(port)
-    if process.returncode != 0 or not result.is_file():
-        print(f"the job failed with exit {process.returncode}; see {log_path}", file=sys.stderr)
+    returncode = run_launch(command, env, log_path, args.timeout, port)
+    if returncode != 0 or not result.is_file():
+        print(f"the job failed with exit {returncode}; see {log_path}", file=sys.stderr)
         return None
     return json.loads(result.read_text())
 

@@ -47,9 +47,7 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megamm.config import TrainConfig, load_config  # noqa: E402
+from tools.jobs import run_launch  # noqa: E402
 
 MB, GB = 1e6, 1e9
 HEAD_DIM = 64
@@ -216,15 +215,6 @@ def worker_main(args: argparse.Namespace) -> None:
 # The parent: launch the jobs, summarise, print and write
 
 
-def _remove_shm_leftovers(port: int) -> None:
-    """Remove DeepSpeed's shared-memory all-reduce segments of this job's port, should a rank have
-    died before megamm unlinked them."""
-    shm = Path("/dev/shm")
-    if shm.is_dir():
-        for path in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
-            path.unlink(missing_ok=True)
-
-
 def run_job(args: argparse.Namespace, mode: str, ranks: int, mmap_threshold: int, overrides: list[str], result: Path,
             log_path: Path) -> Optional[dict[str, Any]]:  # fmt: skip
     """One launch of ``ranks`` ranks building the model in ``mode`` (with glibc's mmap threshold fixed
@@ -241,21 +231,9 @@ def run_job(args: argparse.Namespace, mode: str, ranks: int, mmap_threshold: int
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"the job ran past --timeout {args.timeout:.0f} s; stopped it", file=sys.stderr)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # its ranks, if any outlived the launcher
-            process.wait()
-            _remove_shm_leftovers(port)
-    if process.returncode != 0 or not result.is_file():
-        print(f"the {mode} job on {ranks} ranks failed with exit {process.returncode}; see {log_path}", file=sys.stderr)
+    returncode = run_launch(command, env, log_path, args.timeout, port)
+    if returncode != 0 or not result.is_file():
+        print(f"the {mode} job on {ranks} ranks failed with exit {returncode}; see {log_path}", file=sys.stderr)
         return None
     return json.loads(result.read_text())
 

@@ -1,11 +1,10 @@
 """Tensor-parallel communication, counted, against Megatron's analysis (gloo, CPU).
 
 One ``megamm.model.blocks.TransformerBlock`` forward + backward under ``CommCounter`` runs exactly the
-all-reduces ``predicted_block_comm`` names, in order, with the predicted bytes; the same block's
-weights in Megatron's sequence-parallel form run the predicted all-gathers and reduce-scatters, where
-``megamm.parallel.mappings`` runs each reduce-scatter on gloo as an all-reduce of the same full
-tensor (``as_run``). The counter itself is checked on each collective it wraps, against byte counts
-written out by hand.
+all-reduces ``predicted_block_comm`` names, in order, with the predicted bytes; the same block with
+``sequence_parallel=True`` runs the predicted all-gathers and reduce-scatters and the all-reduces of
+its replicated parameters' gradients. The counter itself is checked on each collective it wraps,
+against byte counts written out by hand.
 """
 
 from __future__ import annotations
@@ -16,20 +15,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-import torch.nn.functional as F
 
 from megamm.model.blocks import TransformerBlock
 from megamm.model.init import WeightInit
-from megamm.parallel import ParallelState, gather_from_sequence, reduce_scatter_to_sequence
+from megamm.parallel import ParallelState
 from megamm.parallel.comm_counter import (
     ALL_GATHER,
     ALL_REDUCE,
     REDUCE_SCATTER,
     CommCounter,
-    as_run,
     predicted_block_comm,
 )
-from megamm.parallel.mappings import ProcessGroup
 from tests.distributed import run_distributed
 
 BATCH, SEQ, HIDDEN, HEADS, FFN = 2, 8, 16, 4, 32
@@ -84,24 +80,6 @@ def _counter_records_each_collective(rank: int, world: int) -> None:
     assert len(counter.records) == len(expected)
 
 
-def _sequence_parallel_block(block: TransformerBlock, x_local: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """``block``'s own weight shards in Megatron's sequence-parallel form: (B, T / tp, H) -> (B, T / tp, H).
-
-    Norms and residuals on this rank's slice of the sequence; an all-gather of the sequence into each
-    column-parallel projection, a reduce-scatter out of each row-parallel one (its bias added after).
-    """
-    attn, mlp = block.attn, block.mlp
-    h = gather_from_sequence(block.attn_norm(x_local), group)  # (B, T, H)
-    batch, length, _ = h.shape
-    qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).view(batch, length, 3, attn.local_heads, attn.head_dim)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)
-    context = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H / tp)
-    x_local = x_local + reduce_scatter_to_sequence(F.linear(context, attn.out.weight), group) + attn.out.bias
-    h = gather_from_sequence(block.mlp_norm(x_local), group)  # (B, T, H)
-    partial = F.linear(F.gelu(F.linear(h, mlp.up.weight, mlp.up.bias)), mlp.down.weight)  # (B, T, H), partial
-    return x_local + reduce_scatter_to_sequence(partial, group) + mlp.down.bias  # (B, T / tp, H)
-
-
 def _block_comm(rank: int, world: int) -> None:
     state = ParallelState.initialize(tensor_parallel=world)
     group = state.tp_group
@@ -126,27 +104,35 @@ def _block_comm(rank: int, world: int) -> None:
         assert counter.summary() == predicted.summary()
         assert {c.dtype for c in counter.records} == {str(dtype).removeprefix("torch.")}
 
-        # Sequence parallel, the same weights: 2 all-gathers + 2 reduce-scatters forward, mirrored backward.
+        # Sequence parallel, the same weights: 2 all-gathers + 2 reduce-scatters forward, mirrored
+        # backward, and the all-reduces of the replicated parameters' gradients.
+        sp_block = TransformerBlock(HIDDEN, HEADS, FFN, group, WeightInit(), num_layers=2, sequence_parallel=True)
+        sp_block = sp_block.to(dtype)
+        sp_block.load_state_dict(block.state_dict())
         own = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
         x_local = x[:, own].clone().requires_grad_()
         with CommCounter() as sp_counter:
-            sp_out = _sequence_parallel_block(block, x_local, group)
+            sp_out = sp_block(x_local)
             sp_forward_calls = len(sp_counter.records)
             (sp_out * upstream[:, own]).sum().backward()
         torch.testing.assert_close(sp_out, out.detach()[:, own])  # it is the same block
         torch.testing.assert_close(x_local.grad, x_in.grad[:, own])
+        for name, param in sp_block.named_parameters():  # every gradient, replicated ones summed
+            torch.testing.assert_close(param.grad, dict(block.named_parameters())[name].grad, msg=name)
         sp = predicted_block_comm(BATCH, SEQ, HIDDEN, world, sequence_parallel=True, bytes_per_element=size)
-        logical = [ALL_GATHER, REDUCE_SCATTER] * 4
-        assert [c.kind for c in sp.collectives] == logical
-        assert sp.ring_bytes == pytest.approx(predicted.ring_bytes)  # Megatron: no more communication than TP
-        # gloo: megamm's mappings run each reduce-scatter as an all-reduce of the same full tensor.
-        backend = dist.get_backend(group)
-        assert backend == "gloo"
-        ran = as_run(sp.collectives, backend)
-        assert [c.kind for c in ran] == [ALL_GATHER, ALL_REDUCE] * 4
-        assert [c.signature() for c in sp_counter.records] == [c.signature() for c in ran], dtype
+        assert [c.kind for c in sp.activations] == [ALL_GATHER, REDUCE_SCATTER] * 4
+        replicated = {name for name, param in sp_block.named_parameters() if getattr(param, "sequence_parallel", False)}
+        assert replicated == {name for c in sp.parameter_gradients for name in c.parameters}
+        assert sp.summary()["all_reduce"] == {  # LayerNorm weight + bias (2H) and row bias (H), per sub-layer
+            "count": 4, "payload_bytes": 6 * HIDDEN * size, "ring_bytes": 2 * (world - 1) / world * 6 * HIDDEN * size
+        }
+        # Megatron: the activations cost no more communication than without sequence parallelism.
+        assert sum(c.ring_bytes for c in sp.activations) == pytest.approx(predicted.ring_bytes)
+        assert dist.get_backend(group) == "gloo"  # which runs reduce-scatters as such
+        assert [c.signature() for c in sp_counter.records] == [c.signature() for c in sp.collectives], dtype
         assert sp_forward_calls == len(sp.forward) == 4
-        assert sp_counter.payload_bytes == sp.payload_bytes == 8 * BATCH * SEQ * HIDDEN * size
+        assert sp_counter.summary() == sp.summary()
+        assert sp_counter.payload_bytes == sp.payload_bytes == (8 * BATCH * SEQ + 6) * HIDDEN * size
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -156,14 +142,16 @@ def test_comm_counter_records_each_collective(tmp_path, tp: int) -> None:
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_transformer_block_communicates_as_predicted(tmp_path, tp: int) -> None:
-    """TransformerBlock forward + backward: the predicted all-reduces, in order, with their bytes; in
-    sequence-parallel form, the predicted all-gathers and (as gloo runs them) reduce-scatters."""
+    """TransformerBlock forward + backward: the predicted all-reduces, in order, with their bytes; with
+    sequence parallelism, the predicted all-gathers and reduce-scatters and the replicated parameters'
+    gradient all-reduces."""
     run_distributed(_block_comm, tp, tmp_path)
 
 
 def test_predicted_block_comm_is_megatrons_analysis() -> None:
     """Numbers from the analysis itself: 4 all-reduces of B*T*H elements, or 4 all-gathers and 4
-    reduce-scatters with the same ring bytes; nothing at tp=1."""
+    reduce-scatters with the same ring bytes (plus 6 * H elements of replicated parameters'
+    gradients, all-reduced); nothing at tp=1."""
     tp_only = predicted_block_comm(4, 512, 1024, 8, sequence_parallel=False, bytes_per_element=2)
     activations = 4 * 512 * 1024 * 2  # bytes of one (B, T, H) bf16 activation
     ring = 4 * 2 * 7 / 8 * activations  # 4 all-reduces, each sending 2 (p - 1) / p of it
@@ -171,7 +159,13 @@ def test_predicted_block_comm_is_megatrons_analysis() -> None:
     assert [c.phase for c in tp_only.collectives] == ["forward", "forward", "backward", "backward"]
     sp = predicted_block_comm(4, 512, 1024, 8, sequence_parallel=True, bytes_per_element=2)
     assert sp.summary()["all_gather"]["count"] == sp.summary()["reduce_scatter"]["count"] == 4
-    assert sp.ring_bytes == tp_only.ring_bytes == 7 * activations
+    assert sum(c.ring_bytes for c in sp.activations) == tp_only.ring_bytes == 7 * activations
+    parameters = 6 * 1024 * 2  # 2 LayerNorms' weights and biases, 2 row-parallel biases (bf16)
+    assert sp.ring_bytes == 7 * activations + 2 * 7 / 8 * parameters
+    assert sorted(p for c in sp.parameter_gradients for p in c.parameters) == sorted(
+        ["attn_norm.weight", "attn_norm.bias", "attn.out.bias", "mlp_norm.weight", "mlp_norm.bias", "mlp.down.bias"]
+    )
+    assert tp_only.parameter_gradients == ()
     assert predicted_block_comm(4, 512, 1024, 1, sequence_parallel=True, bytes_per_element=2).collectives == ()
     with pytest.raises(ValueError, match="divisible"):
         predicted_block_comm(1, 10, 8, 4, sequence_parallel=True, bytes_per_element=4)

@@ -10,7 +10,7 @@ multiple of tp with positions that attention ignores), and the encoders' pooling
 Parameters that every rank holds whole but applies to its own slice of the sequence (the
 LayerNorms' weights and biases, the row-parallel layers' biases) get only that slice's share of
 their gradient. They enter the computation through ``copy_to_group`` (identity forward, gradient
-all-reduced over the tensor-parallel group), so by the time autograd accumulates into ``.grad``
+all-reduced over the tensor-parallel group; a LayerNorm's weight and bias together, in one call), so by the time autograd accumulates into ``.grad``
 the gradient is the whole sequence's, the same on every rank, and DeepSpeed averages it over the
 data-parallel ranks as any other. Being part of the autograd graph, this works with every ZeRO
 stage, with the pipeline engine and with activation checkpointing (the recomputation repeats it).
@@ -33,7 +33,7 @@ from megamm.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     checkpoint,
-    copy_to_group,
+    copy_all_to_group,
     group_rank,
     group_size,
     scatter_to_sequence,
@@ -110,9 +110,10 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: SequenceLa
 class SequenceParallelLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters, same state dict) that may run on slices of the sequence.
 
-    With ``sequence_parallel`` at tp > 1 the weight and bias enter through ``copy_to_group`` (a
+    With ``sequence_parallel`` at tp > 1 the weight and bias enter through ``copy_all_to_group`` (a
     copy of them, so that autograd saves no alias of a parameter ZeRO-3 may release), whose backward
-    sums every rank's share of their gradient over the tensor-parallel group.
+    sums every rank's share of their gradients over the tensor-parallel group, both in one
+    all-reduce of 2 x hidden elements.
     """
 
     def __init__(self, hidden_size: int, group: ProcessGroup = None, sequence_parallel: bool = False) -> None:
@@ -124,8 +125,8 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return super().forward(x)
-        weight = copy_to_group(self.weight.clone(), self.group)  # gradient: summed over the group
-        bias = copy_to_group(self.bias.clone(), self.group)
+        # gradients: summed over the group, weight and bias in one all-reduce
+        weight, bias = copy_all_to_group((self.weight.clone(), self.bias.clone()), self.group)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 

@@ -9,6 +9,7 @@ from megamm.parallel.layers import (
     shard_of,
 )
 from megamm.parallel.mappings import (
+    copy_all_to_group,
     copy_to_group,
     gather_batch_with_grad,
     gather_from_group,
@@ -29,6 +30,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "checkpoint",
+    "copy_all_to_group",
     "copy_to_group",
     "gather_batch_with_grad",
     "gather_from_group",

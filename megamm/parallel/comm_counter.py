@@ -28,20 +28,20 @@ Megatron's argument that sequence parallelism adds no communication.
 
 :func:`predicted_block_comm` is that analysis (Korthikanti et al., 2022, "Reducing Activation
 Recomputation in Large Transformer Models", sequence parallelism) for one transformer block, forward and
-backward. **On gloo**, :mod:`megamm.parallel.mappings` runs each reduce-scatter as an all-reduce of
-the same full tensor followed by a local split (it takes gloo to have no reduce-scatter, as in older
-torch): the counter records the all-reduce that really ran (the same payload, twice the ring bytes),
-and :func:`as_run` translates a prediction into what the mappings run on a given backend.
+backward, plus what the analysis leaves aside because it is not activations: under sequence
+parallelism the gradients of the parameters every rank holds whole (LayerNorm weights and biases,
+row-parallel biases) are summed over the group, ``hidden``-sized all-reduces.
+:mod:`megamm.parallel.mappings` runs every collective as predicted on every backend (gloo included:
+torch's gloo has a reduce-scatter).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import threading
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -107,6 +107,8 @@ class Collective:
     """"forward" or "backward" in a prediction; empty in a record."""
     where: str = ""
     """In a prediction: which mapping of the block runs it."""
+    parameters: tuple[str, ...] = ()
+    """In a prediction: the parameters whose gradients it sums; empty when it moves activations."""
 
     @property
     def ring_bytes(self) -> float:
@@ -246,6 +248,16 @@ class BlockComm:
         return self.forward + self.backward
 
     @property
+    def activations(self) -> tuple[Collective, ...]:
+        """The collectives of Megatron's analysis: those that move activations (or their gradients)."""
+        return tuple(c for c in self.collectives if not c.parameters)
+
+    @property
+    def parameter_gradients(self) -> tuple[Collective, ...]:
+        """The all-reduces of replicated parameters' gradients (sequence parallelism only)."""
+        return tuple(c for c in self.collectives if c.parameters)
+
+    @property
     def payload_bytes(self) -> int:
         return sum(c.payload_bytes for c in self.collectives)
 
@@ -261,10 +273,12 @@ class BlockComm:
 def predicted_block_comm(
     batch: int, seq_len: int, hidden: int, tp: int, sequence_parallel: bool, bytes_per_element: int
 ) -> BlockComm:
-    """Megatron's communication for ONE transformer block (attention + MLP), forward and backward.
+    """The communication of ONE ``megamm.model.blocks.TransformerBlock`` (attention + MLP), forward
+    and backward, in the order it runs.
 
-    Every collective moves the block's activations, ``batch * seq_len * hidden`` elements (the
-    payload, see the module docstring), on the tensor-parallel group of ``tp`` ranks:
+    Megatron's analysis: every activation collective moves the block's activations,
+    ``batch * seq_len * hidden`` elements (the payload, see the module docstring), on the
+    tensor-parallel group of ``tp`` ranks:
 
     - without sequence parallelism, 4 all-reduces: forward, one after the attention's and one after
       the MLP's row-parallel layer (``g``, ``reduce_from_group``); backward, one at each sub-layer's
@@ -274,9 +288,12 @@ def predicted_block_comm(
       reduce-scatter out of each row-parallel one (``reduce_scatter_to_sequence``); backward, their
       mirror images, in reverse order. The same ring bytes; twice the calls, each moving half.
 
-    The gradient all-reduce of the replicated LayerNorm weights under sequence parallelism (once per
-    step, ``hidden``-sized) and data-parallel traffic are not part of the block's activations and not
-    counted. ``tp == 1`` communicates nothing.
+    Sequence parallelism also sums, in the backward pass, the gradients of the parameters each
+    rank holds whole but applies to its slice of the sequence (:attr:`BlockComm.parameter_gradients`):
+    per sub-layer, one all-reduce of ``2 * hidden`` elements for its LayerNorm's weight and bias and
+    one of ``hidden`` for its row-parallel bias; each sub-layer's runs as its backward begins (the
+    bias's) and ends (the norm's). Megatron sums the same gradients (coalesced, once per step).
+    Data-parallel traffic is not counted. ``tp == 1`` communicates nothing.
     """
     for name, value in (("batch", batch), ("seq_len", seq_len), ("hidden", hidden), ("tp", tp)):
         if value < 1:
@@ -292,6 +309,13 @@ def predicted_block_comm(
     def c(kind: str, phase: str, where: str) -> Collective:
         return Collective(kind=kind, payload_bytes=size, group_size=tp, op=kind, phase=phase, where=where)
 
+    def grads(*parameters: str) -> Collective:
+        numel = hidden * (2 if parameters[0].endswith("norm.weight") else 1)
+        return Collective(
+            kind=ALL_REDUCE, payload_bytes=numel * bytes_per_element, group_size=tp, op=ALL_REDUCE,
+            phase="backward", where="replicated parameters' gradients", parameters=parameters,
+        )  # fmt: skip
+
     if not sequence_parallel:
         forward = (c(ALL_REDUCE, "forward", "attention out (g)"), c(ALL_REDUCE, "forward", "MLP out (g)"))
         backward = (c(ALL_REDUCE, "backward", "MLP in (f)"), c(ALL_REDUCE, "backward", "attention in (f)"))
@@ -301,34 +325,20 @@ def predicted_block_comm(
             c(ALL_GATHER, "forward", "MLP in"), c(REDUCE_SCATTER, "forward", "MLP out"),
         )  # fmt: skip
         backward = (
+            grads("mlp.down.bias"),
             c(ALL_GATHER, "backward", "MLP out"), c(REDUCE_SCATTER, "backward", "MLP in"),
+            grads("mlp_norm.weight", "mlp_norm.bias"),
+            grads("attn.out.bias"),
             c(ALL_GATHER, "backward", "attention out"), c(REDUCE_SCATTER, "backward", "attention in"),
+            grads("attn_norm.weight", "attn_norm.bias"),
         )  # fmt: skip
     return BlockComm(forward, backward)
-
-
-def as_run(collectives: Sequence[Collective], backend: str) -> tuple[Collective, ...]:
-    """What :mod:`megamm.parallel.mappings` runs for ``collectives`` on ``backend``.
-
-    On gloo the mappings all-reduce the full tensor, then keep this rank's slice, so each
-    reduce-scatter becomes an all-reduce of the same payload (and twice its ring bytes). Other
-    backends run the collectives as predicted.
-    """
-    if backend != "gloo":
-        return tuple(collectives)
-    return tuple(
-        dataclasses.replace(c, kind=ALL_REDUCE, op=ALL_REDUCE, where=f"{c.where} (reduce-scatter as all-reduce)")
-        if c.kind == REDUCE_SCATTER
-        else c
-        for c in collectives
-    )
 
 
 __all__ = [
     "BlockComm",
     "Collective",
     "CommCounter",
-    "as_run",
     "predicted_block_comm",
     "ring_bytes",
     "summarise",

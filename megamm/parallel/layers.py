@@ -226,16 +226,23 @@ class VocabParallelEmbedding(nn.Module):
         init_method(master)
         self.weight = _sharded_parameter(master, group, dim=0)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # The same check at every TP size: masking would silently turn a bad id into a zero
-        # vector at TP > 1. The assert is device-side, so it costs no host sync on GPUs.
-        torch._assert_async(
-            ((ids >= 0) & (ids < self.num_embeddings)).all(),
+    def _id_error(self) -> str:
+        return (
             f"VocabParallelEmbedding: token ids must be in [0, {self.num_embeddings}); check the "
-            "tokenizer against model.text.vocab_size",
+            "tokenizer against model.text.vocab_size"
         )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # A bad id fails at every TP size. At TP = 1 the lookup checks its indices itself, as
+        # nn.Embedding's does (an IndexError on the CPU, renamed here; a device-side assert on GPUs),
+        # so nothing is added to it. At TP > 1 masking would silently turn a bad id into a zero
+        # vector: a device-side assert checks first (no host sync on GPUs).
         if group_size(self.group) == 1:
-            return F.embedding(ids, self.weight)
+            try:
+                return F.embedding(ids, self.weight)
+            except IndexError as error:
+                raise RuntimeError(self._id_error()) from error
+        torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(), self._id_error())
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight)  # (..., D), zero rows for foreign ids below

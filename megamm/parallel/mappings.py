@@ -7,6 +7,7 @@ makes it the identity, so layers run unchanged in a single process.
 wrapper                     forward                           backward
 ==========================  ================================  =============================
 copy_to_group               identity                          all-reduce (sum)
+copy_all_to_group           identity, of several tensors      one all-reduce of them all
 reduce_from_group           all-reduce (sum)                  identity
 scatter_to_group            keep this rank's last-dim slice   all-gather along last dim
 gather_from_group           all-gather along last dim         keep this rank's slice
@@ -80,8 +81,6 @@ def _reduce_scatter(tensor: torch.Tensor, group: ProcessGroup, dim: int) -> torc
         return tensor
     if tensor.shape[dim] % size != 0:
         raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} is not divisible by group size {size}")
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce, then split
-        return _split(_all_reduce(tensor.clone(), group), group, dim)
     parts = [part.contiguous() for part in tensor.chunk(size, dim=dim)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)
@@ -97,6 +96,22 @@ class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _CopyAllToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group: ProcessGroup, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        present = [g for g in grads if g is not None]
+        if not present:
+            return (None, *grads)
+        flat = _all_reduce(torch.cat([g.reshape(-1) for g in present]), ctx.group)  # one call for all
+        summed = iter(flat.split([g.numel() for g in present]))
+        return (None, *(next(summed).view_as(g) if g is not None else None for g in grads))
 
 
 class _ReduceFromGroup(torch.autograd.Function):
@@ -164,6 +179,15 @@ class _GatherBatchWithGrad(torch.autograd.Function):
 def copy_to_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Enter a tensor-parallel region: identity forward, all-reduce of the gradient."""
     return _CopyToGroup.apply(x, group) if group_size(group) > 1 else x
+
+
+def copy_all_to_group(tensors: tuple[torch.Tensor, ...], group: ProcessGroup) -> tuple[torch.Tensor, ...]:
+    """:func:`copy_to_group` of several tensors at once: their gradients are summed over the group
+    in ONE all-reduce (of their concatenation) instead of one each. For small replicated parameters
+    used together (a LayerNorm's weight and bias under sequence parallelism)."""
+    if group_size(group) == 1:
+        return tuple(tensors)
+    return _CopyAllToGroup.apply(group, *tensors)
 
 
 def reduce_from_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -36,6 +36,8 @@ from megamm.parallel import (
     copy_all_to_group,
     group_rank,
     group_size,
+    reduce_from_group,
+    reduce_scatter_to_sequence,
     scatter_to_sequence,
 )
 from megamm.parallel.mappings import ProcessGroup
@@ -74,6 +76,18 @@ class SequenceLayout:
         if pad:
             x = F.pad(x, (0, 0, 0, pad))  # (B, T', H)
         return scatter_to_sequence(x, self.group)  # (B, T' / tp, H)
+
+    def reduce_scatter(self, partial: torch.Tensor) -> torch.Tensor:
+        """Enter the layout from the ranks' partial sums (B, T, H) (a vocabulary-parallel lookup's):
+        their sum, this rank's slice of it zero-padded as :meth:`scatter` does, (B, T' / tp, H), in
+        one reduce-scatter; the gradient is all-gathered. The group's all-reduce when not
+        :attr:`active`."""
+        if not self.active:
+            return reduce_from_group(partial, self.group)
+        pad = self.padded_length(partial.shape[1]) - partial.shape[1]
+        if pad:
+            partial = F.pad(partial, (0, 0, 0, pad))  # (B, T', H)
+        return reduce_scatter_to_sequence(partial, self.group)  # (B, T' / tp, H)
 
     def pad_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A key padding mask (B, T) bool (True = real token) extended to (B, T') with False."""

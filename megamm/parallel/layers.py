@@ -233,18 +233,28 @@ class VocabParallelEmbedding(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> (..., embedding_dim), alike on every rank."""
         # A bad id fails at every TP size. At TP = 1 the lookup checks its indices itself, as
         # nn.Embedding's does (an IndexError on the CPU, renamed here; a device-side assert on GPUs),
-        # so nothing is added to it. At TP > 1 masking would silently turn a bad id into a zero
-        # vector: a device-side assert checks first (no host sync on GPUs).
+        # so nothing is added to it. At TP > 1 :meth:`partial` checks first.
         if group_size(self.group) == 1:
             try:
                 return F.embedding(ids, self.weight)
             except IndexError as error:
                 raise RuntimeError(self._id_error()) from error
+        return reduce_from_group(self.partial(ids), self.group)
+
+    def partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the lookup, ids (...) -> (..., embedding_dim): the rows of the ids in
+        its vocabulary range, zeros for the others. Summed over the group it is the embedding: under
+        sequence parallelism a reduce-scatter along the sequence sums it straight into the slices.
+        At TP = 1, the whole lookup."""
+        if group_size(self.group) == 1:
+            return self(ids)
+        # Masking would silently turn a bad id into a zero vector: a device-side assert checks
+        # first (no host sync on GPUs).
         torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(), self._id_error())
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight)  # (..., D), zero rows for foreign ids below
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_group(out, self.group)
+        return out.masked_fill(outside.unsqueeze(-1), 0.0)

@@ -62,11 +62,12 @@ class TextEmbedding(nn.Module):
         length = ids.shape[1]
         if length > self.max_length:
             raise ValueError(f"text length {length} exceeds model.text.max_length={self.max_length}")
-        x = self.token_embedding(ids) + self.position_embedding[:length]  # (B, T, H)
-        # Under sequence parallelism: the embedding's all-reduce, then this rank's slice (a reduce-scatter
-        # of the partial lookups, as Megatron does, would move half the bytes).
-        x = self.layout.scatter(x)  # (B, T' / tp, H)
-        return hidden_dropout(x, self.dropout, self.training, self.layout)
+        positions = self.position_embedding[:length].unsqueeze(0)  # (1, T, H)
+        if self.layout.active:  # as Megatron: the partial lookups reduce-scattered straight into the slices
+            x = self.layout.reduce_scatter(self.token_embedding.partial(ids)) + self.layout.scatter(positions)
+        else:
+            x = self.token_embedding(ids) + positions  # (B, T, H)
+        return hidden_dropout(x, self.dropout, self.training, self.layout)  # (B, T' / tp, H) under SP
 
 
 class TextEncoder(nn.Module):

@@ -3,6 +3,7 @@ everything they started; compare directory trees before and after."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -36,7 +37,8 @@ def deepspeed_command(num_ranks: int, script_args: Sequence[str], script: str = 
 
 
 def run(command: Sequence[str], log_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``command`` in its own session; on timeout kill the whole process group by PID."""
+    """Run ``command`` in its own session; on timeout stop the whole process group by PID: SIGTERM
+    (a tool that started sessions of its own stops them), then SIGKILL after 15 s."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -44,7 +46,13 @@ def run(command: Sequence[str], log_path: Path, timeout: float = 600) -> subproc
             process.wait(timeout=timeout)
         finally:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    pass
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     return subprocess.CompletedProcess(command, process.returncode, log_path.read_text(), "")
 

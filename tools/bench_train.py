@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import socket
+import signal
 import statistics
 import subprocess
 import sys
@@ -514,7 +515,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.worker:
         worker_main(args)
         return 0
+    # Stopped from outside (a SIGTERM): leave as Ctrl-C does, through run_worker, which stops the
+    # running worker's process group (a session of its own, which a kill of ours would not reach).
+    signal.signal(signal.SIGTERM, _interrupt)
     return parent_main(args)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+import math
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megamm.model.blocks import SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
 from megamm.parallel import group_rank, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
+
+log = logging.getLogger(__name__)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -20,6 +25,32 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     x = images.reshape(batch, channels, height // p, p, width // p, p)
     x = x.permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
     return x.reshape(batch, (height // p) * (width // p), channels * p * p)
+
+
+def interpolate_position_embedding(positions: torch.Tensor, num_tokens: int, mode: str = "bicubic") -> torch.Tensor:
+    """Learned positions of a square patch grid, resized to another grid: (1 + g * g, H) ->
+    (num_tokens, H), num_tokens = 1 + G * G. The class token's position (row 0) is kept; the grid's
+    are interpolated as an image (``F.interpolate``, ``align_corners=False``: patch centres at
+    (i + 0.5) / g), bicubic by default as for ViT and CLIP checkpoints fine-tuned at another
+    resolution. Computed in float32 or wider, returned in ``positions``' dtype."""
+    old_grid, new_grid = _grid_side(positions.shape[0]), _grid_side(num_tokens)
+    if old_grid is None or new_grid is None:
+        raise ValueError(
+            f"position embeddings of {positions.shape[0]} and {num_tokens} tokens are not a class token "
+            "plus a square patch grid; only square images (model.image.image_size) can be resized"
+        )
+    if old_grid == new_grid:
+        return positions
+    compute = positions.float() if positions.dtype in (torch.float16, torch.bfloat16) else positions
+    grid = compute[1:].reshape(old_grid, old_grid, -1).permute(2, 0, 1)[None]  # (1, H, g, g)
+    resized = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, align_corners=False)  # (1, H, G, G)
+    resized = resized[0].permute(1, 2, 0).reshape(new_grid * new_grid, -1)  # (G * G, H)
+    return torch.cat([compute[:1], resized]).to(positions.dtype)  # (1 + G * G, H)
+
+
+def _grid_side(num_tokens: int) -> Optional[int]:
+    side = math.isqrt(num_tokens - 1) if num_tokens > 1 else 0
+    return side if side > 0 and side * side == num_tokens - 1 else None
 
 
 class ImagePatchEmbedding(nn.Module):
@@ -68,6 +99,23 @@ class ImagePatchEmbedding(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.position_embedding  # (B, N + 1, H)
         x = self.layout.scatter(x)  # (B, T' / tp, H) under sequence parallelism
         return hidden_dropout(x, self.dropout, self.training, self.layout)
+
+    def adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Make weights trained at another image size (a patch grid of another side) fit: their
+        position embeddings are resized in ``state_dict`` to this model's grid
+        (:func:`interpolate_position_embedding`). Called on loading, by ``load_state_dict`` and by
+        the engine's partitioned (ZeRO-3) loader alike."""
+        key = prefix + "position_embedding"
+        saved = state_dict.get(key)
+        if saved is None or saved.shape[0] == self.num_tokens or saved.shape[1:] != self.position_embedding.shape[1:]:
+            return  # nothing to do, or not a resolution change (the shape check reports it)
+        side = _grid_side(self.num_tokens)
+        log.info("%s: %d saved positions resized to a %d x %d patch grid", key, saved.shape[0] - 1, side, side)
+        state_dict[key] = interpolate_position_embedding(saved, self.num_tokens)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.adapt_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def key_padding_mask(self, device: torch.device) -> Optional[torch.Tensor]:
         """(1, T') bool, False at the padding that sequence parallelism adds; None without padding."""

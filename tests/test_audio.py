@@ -1,5 +1,5 @@
-"""The audio front end: log-mel spectrogram against a NumPy reference written here from the formulas,
-and its padding rule.
+"""The audio encoder: log-mel spectrogram (against a NumPy reference written here from the formulas),
+padding rules, AST-style patch embedding, the encoder, and its TP=2 / sequence-parallel parity.
 
 The NumPy reference is independent of the module's code: its mel scale is written as
 ``3 f / 200`` below 1 kHz and ``15 + 27 log_6.4(f / 1000)`` above (the module: exp/log with a
@@ -10,13 +10,17 @@ frames are sliced out of ``np.pad(mode="reflect")`` (the module: a gather and ``
 from __future__ import annotations
 
 import math
+import traceback
 
 import numpy as np
 import pytest
 import torch
 
-from megamm.model.encoders import LogMelSpectrogram
+from megamm.model.encoders import AudioEncoder, AudioPatchEmbedding, LogMelSpectrogram
 from megamm.model.encoders.melspec import hz_to_mel, mel_filterbank, mel_frequencies, mel_to_hz
+from megamm.model.init import WeightInit
+from megamm.parallel import ParallelState, shard_of
+from tests.distributed import run_distributed
 
 SR = 16000
 # (n_fft, hop_length, n_mels, f_min, f_max): the default (AST/Whisper-v3-like) and another
@@ -188,6 +192,96 @@ def test_padded_batch_frames_equal_each_waveform_alone() -> None:
         assert (log_mel[row, :, frames:] == 0).all()
 
 
+def test_patch_mask_follows_frame_mask() -> None:
+    """A patch is real when any of its frames is; the class token always is."""
+    embedding = AudioPatchEmbedding(16, 64, (4, 4), 8, WeightInit())
+    frame_mask = torch.arange(31)[None, :] < torch.tensor([[31], [19], [16], [1]])
+    mask = embedding.patch_mask(frame_mask)
+    assert mask.shape == (4, 1 + 8 * 4)  # 31 frames -> 8 time patches (the last partly padding) x 4 frequency patches
+    time_patches = torch.tensor([8, 5, 4, 1])  # ceil(real frames / 4)
+    expected = torch.cat([torch.ones(4, 1, dtype=torch.bool), (torch.arange(32)[None, :] // 4) < time_patches[:, None]], dim=1)
+    assert torch.equal(mask, expected)
+    assert embedding.num_tokens(31) == 33
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder
+
+TINY = dict(n_mels=16, max_frames=40, patch_size=(4, 4), hidden_size=16, num_layers=2, num_heads=2, ffn_size=32)
+
+
+def _encoder(group=None, sequence_parallel: bool = False, **overrides) -> AudioEncoder:
+    sizes = {**TINY, **overrides}
+    return AudioEncoder(**sizes, group=group, init=WeightInit(seed=5), sequence_parallel=sequence_parallel)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clips, the first 3000 samples then garbage padding, the second 4800 (31 frames)."""
+    generator = torch.Generator().manual_seed(3)
+    waveform = 0.1 * torch.randn(2, 4800, generator=generator)
+    return waveform, torch.tensor([3000, 4800])
+
+
+def test_encoder_shape_gradients_and_padding_invariance() -> None:
+    encoder = _encoder()
+    encoder.train()  # dropout 0: deterministic
+    waveform, lengths = _batch()
+    waveform.requires_grad_(True)
+    out = encoder(waveform, lengths)
+    assert out.shape == (2, 16)
+    (out * torch.randn_like(out)).sum().backward()
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+    assert waveform.grad[0, :3000].abs().sum() > 0 and (waveform.grad[0, 3000:] == 0).all(), "padding is read"
+    # the clip alone, without padding or the other clip, pools to the same features
+    alone = encoder(waveform[:1, :3000].detach())
+    torch.testing.assert_close(alone[0], out[0].detach(), rtol=1e-5, atol=1e-6)
+    # and with more padding (6080 samples: 39 frames, within max_frames=40)
+    longer = torch.cat([waveform.detach(), torch.randn(2, 1280)], dim=1)
+    torch.testing.assert_close(encoder(longer, lengths), out.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _own_shard(param: torch.nn.Parameter, full: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    if getattr(param, "tensor_model_parallel", False):
+        return shard_of(full, state.tp_rank, state.tp_size, param.partition_dim, param.partition_stride)
+    return full
+
+
+def _run(encoder: AudioEncoder, waveform: torch.Tensor, lengths) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    encoder.zero_grad(set_to_none=True)
+    out = encoder(waveform, lengths)
+    weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+    (out * weights).sum().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in encoder.named_parameters()}
+
+
+def _tensor_parallel_parity(rank: int, world: int) -> None:
+    state = ParallelState.initialize(tensor_parallel=world)
+    waveform, lengths = _batch()
+    failures = []
+    for given in (lengths, None):  # with a frame mask, and without (the sequence-parallel padding mask only)
+        expected, expected_grads = _run(_encoder(), waveform, given)
+        for sp in (False, True):
+            encoder = _encoder(state.tp_group, sp)
+            assert encoder.embedding.layout.active == sp
+            try:
+                out, grads = _run(encoder, waveform, given)
+                torch.testing.assert_close(out, expected, rtol=1e-4, atol=2e-5)
+                params = dict(encoder.named_parameters())
+                for name, grad in grads.items():
+                    want = _own_shard(params[name], expected_grads[name], state)
+                    torch.testing.assert_close(grad, want, rtol=1e-4, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+            except Exception:  # noqa: BLE001 - report every failing case
+                failures.append(f"[rank {rank}] sequence_parallel={sp}, lengths={given}:\n{traceback.format_exc()}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def test_encoder_tp2_equals_tp1_with_and_without_sequence_parallel(tmp_path) -> None:
+    """33 tokens (1 + 8 time x 4 frequency patches): odd, so sequence parallelism pads them."""
+    run_distributed(_tensor_parallel_parity, 2, tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 
@@ -213,3 +307,20 @@ def test_spectrogram_errors_name_the_argument_and_the_fix() -> None:
         spec(torch.zeros(2, 1000), torch.tensor([1000, 1001]))
     with pytest.raises(ValueError, match="lengths must lie in"):
         spec(torch.zeros(2, 1000), torch.tensor([0, 1000]))
+
+
+def test_encoder_errors_name_the_argument_and_the_fix() -> None:
+    encoder = _encoder()
+    with pytest.raises(ValueError, match=r"6400 samples gives 41 frames, more than max_frames=40 \(6399 samples"):
+        encoder(torch.zeros(1, 6400))
+    encoder(torch.zeros(1, 6399))  # the longest
+    with pytest.raises(ValueError, match="resample"):
+        encoder(torch.zeros(1, 1000), sample_rate=8000)
+    with pytest.raises(ValueError, match="more than max_frames=40"):
+        encoder.embedding(torch.zeros(1, 16, 41))
+    with pytest.raises(ValueError, match=r"n_mels=16, frames\); got shape \(1, 40, 20\)"):
+        encoder.embedding(torch.zeros(1, 40, 20))
+    with pytest.raises(ValueError, match="n_mels=128 is not a multiple of the patch's frequency size 12"):
+        AudioPatchEmbedding(128, 1024, 12, 8, WeightInit())
+    with pytest.raises(ValueError, match=r"patch_size=\(16, 0\)"):
+        AudioPatchEmbedding(128, 1024, (16, 0), 8, WeightInit())

@@ -33,11 +33,13 @@ from megamm.engine import (
     build_ds_config,
     check_layout,
     check_precision,
+    form_for,
     incomplete_checkpoints,
     latest_complete,
     load_template,
     prepare_rendezvous,
     read_marker,
+    universal_form,
 )
 
 log = logging.getLogger("megamm")
@@ -193,23 +195,25 @@ def check_universal_resume(
     """Refuse what a universal checkpoint (tools/convert_checkpoint.py) cannot resume into.
 
     Any tensor-parallel, data-parallel or ZeRO layout works, and any number of pipeline stages
-    if the source had stages too: parameters are named by layer in the pipeline form and by
-    module in the plain one. Under another data-parallel size the data position belongs to other
-    streams, unless ``data.global_batches`` made them the same.
+    in the form the checkpoint was converted for (its marker's ``"form"``): the plain form
+    (``parallel.pipeline_parallel=1``) names parameters by module, the pipeline form by layer,
+    and ``convert_checkpoint.py --to`` writes either. Under another data-parallel size the data
+    position belongs to other streams, unless ``data.global_batches`` made them the same.
     """
     if config.parallel.zero_stage == 0 and layout["world_size"] > 1:
         raise ConfigError(
             f"{checkpoint} is a universal checkpoint, which DeepSpeed loads into a ZeRO optimizer only; "
             "set parallel.zero_stage to 1, 2 or 3"
         )
-    stages_before = marker.get("pipeline_parallel", 1)
     stages_now = layout["pipeline_parallel"]
-    if (stages_before > 1) != (stages_now > 1):
+    held, needed = universal_form(marker), form_for(stages_now)
+    if held != needed:
+        source = marker.get("converted_from", "<the source global_stepN>")
         raise ConfigError(
-            f"{checkpoint} holds the model's {'pipeline' if stages_before > 1 else 'plain'} form "
-            f"(pipeline_parallel={stages_before}) and parallel.pipeline_parallel={stages_now} needs the "
-            f"{'pipeline' if stages_now > 1 else 'plain'} one, whose parameters are named otherwise; resume "
-            f"with {'2 or more stages' if stages_before > 1 else 'parallel.pipeline_parallel=1'}"
+            f"{checkpoint} was converted for the model's {held} form and parallel.pipeline_parallel={stages_now} "
+            f"trains the {needed} one, whose parameters are named otherwise. Convert the source again with "
+            f"--to {needed} (python tools/convert_checkpoint.py {source} --to {needed} --out <new checkpoint.dir>), "
+            f"or resume this one with {'2 or more stages' if held == 'pipeline' else 'parallel.pipeline_parallel=1'}"
         )
     same_streams = marker.get("data_parallel") == layout["data_parallel"] or config.data.global_batches
     if not same_streams and not restart_data:

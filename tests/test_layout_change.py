@@ -4,11 +4,15 @@
 Each source run trains 6 steps and saves at step 3; its step-3 checkpoint is converted and resumed
 on another layout, whose steps 4-6 must give the uninterrupted run's losses (1e-5 relative). All
 runs use ``data.global_batches`` (the same batches at any data-parallel size) and keep the
-contrastive batch (``micro_batch_size`` x data-parallel size) at 8.
+contrastive batch (``micro_batch_size`` x data-parallel size) at 8. Two of the changes cross
+between the model's plain form (no pipeline stages) and its pipeline form, whose parameters are
+named otherwise (``convert_checkpoint.py --to``); the names' correspondence itself is checked
+against both forms' real parameters.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,22 +47,34 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {step: values[-1] for step, values in tensorboard_events(run_dir / "tensorboard", "train/loss").items()}
 
 
-def _convert(source: Path, out: Path) -> subprocess.CompletedProcess:
+def _convert(source: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "tools/convert_checkpoint.py"), str(source), "--out", str(out)],
+        [sys.executable, str(ROOT / "tools/convert_checkpoint.py"), str(source), "--out", str(out), *options],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
 
 
-# name: (source ranks, source layout, target ranks, target layout)
-CHANGES = {
-    "zero3-dp2-to-dp4": (
-        2, {"parallel.zero_stage": "3", "micro_batch_size": "4"},
-        4, {"parallel.zero_stage": "3", "micro_batch_size": "2"},
-    ),
-    "zero1-tp2xpp2-to-pp4": (
+# name: (ranks, layout) of the source runs
+SOURCES = {
+    "zero3-dp2": (2, {"parallel.zero_stage": "3", "micro_batch_size": "4"}),
+    "zero1-tp2xpp2": (
         4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2"},
-        4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.pipeline_parallel": "4"},
+    ),
+    "zero1-tp2": (2, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2"}),
+}
+# name: (source, convert_checkpoint.py options, target ranks, target layout)
+CHANGES = {
+    "zero3-dp2-to-dp4": ("zero3-dp2", (), 4, {"parallel.zero_stage": "3", "micro_batch_size": "2"}),
+    "zero1-tp2xpp2-to-pp4": (
+        "zero1-tp2xpp2", (), 4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.pipeline_parallel": "4"},
+    ),
+    "zero1-tp2xpp2-to-plain-tp2": (
+        "zero1-tp2xpp2", ("--to", "plain"),
+        2, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2"},
+    ),
+    "zero1-plain-tp2-to-pp2": (
+        "zero1-tp2", ("--to", "pipeline"),
+        2, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.pipeline_parallel": "2"},
     ),
 }
 
@@ -67,7 +83,7 @@ CHANGES = {
 def sources(data: dict[str, str], tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
     runs = {}
-    for name, (ranks, layout, _, _) in CHANGES.items():
+    for name, (ranks, layout) in SOURCES.items():
         _train(data, root / name, ranks, root / f"{name}.log", **layout)
         runs[name] = root / name
     return runs
@@ -77,15 +93,15 @@ def sources(data: dict[str, str], tmp_path_factory) -> dict[str, Path]:
 def test_converted_checkpoint_resumes_on_another_layout(
     data: dict[str, str], sources: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    _, _, ranks, layout = CHANGES[name]
-    source = sources[name] / "checkpoints" / "global_step3"
+    source_name, options, ranks, layout = CHANGES[name]
+    source = sources[source_name] / "checkpoints" / "global_step3"
     before = digest(source)
-    converted = _convert(source, tmp_path / "run" / "checkpoints")
+    converted = _convert(source, tmp_path / "run" / "checkpoints", *options)
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert digest(source) == before, "the conversion changed its source"
     log = _train(data, tmp_path / "run", ranks, tmp_path / "resume.log", **layout)
     assert "resumed from" in log and "at step 3" in log
-    uninterrupted, resumed = _losses(sources[name]), _losses(tmp_path / "run")
+    uninterrupted, resumed = _losses(sources[source_name]), _losses(tmp_path / "run")
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=0), (step, resumed, uninterrupted)
@@ -95,7 +111,7 @@ def test_other_layout_changes_are_refused_naming_the_supported_paths(
     data: dict[str, str], sources: dict[str, Path], tmp_path: Path
 ) -> None:
     # An unconverted checkpoint on another layout: the message names the converter.
-    plain = sources["zero3-dp2-to-dp4"]
+    plain = sources["zero3-dp2"]
     watched = digest(plain)
     result = pretrain(_args(data, plain, micro_batch_size="8"))
     assert result.returncode == 2, result.stderr[-3000:]
@@ -103,13 +119,25 @@ def test_other_layout_changes_are_refused_naming_the_supported_paths(
     assert "python tools/convert_checkpoint.py" in result.stderr and "universal checkpoint" in result.stderr
     assert digest(plain) == watched
 
-    # A converted pipeline checkpoint into the plain model: parameters are named otherwise.
+    # Unconverted, a pipeline checkpoint resumed without stages: the message names --to plain.
+    pipeline = sources["zero1-tp2xpp2"] / "checkpoints" / "global_step3"
+    args = _args(data, tmp_path / "unconverted", micro_batch_size="8", parallel__zero_stage="1")
+    result = pretrain([*args, f"--resume={pipeline}"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"python tools/convert_checkpoint.py {pipeline} --to plain --out" in result.stderr
+
+    # Converted for the pipeline form (the source's, by default), into the plain model: parameters
+    # are named otherwise, and the message names the conversion that fits.
     converted = tmp_path / "converted" / "checkpoints"
-    assert _convert(sources["zero1-tp2xpp2-to-pp4"] / "checkpoints" / "global_step3", converted).returncode == 0
+    assert _convert(pipeline, converted).returncode == 0
     result = pretrain(_args(data, tmp_path / "converted", micro_batch_size="8", parallel__zero_stage="1"))
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "holds the model's pipeline form (pipeline_parallel=2)" in result.stderr
-    assert "resume with 2 or more stages" in result.stderr
+    assert "was converted for the model's pipeline form and parallel.pipeline_parallel=1 trains the plain one" in result.stderr
+    assert f"python tools/convert_checkpoint.py {pipeline.resolve()} --to plain --out" in result.stderr
+    assert "or resume this one with 2 or more stages" in result.stderr
+    zero3 = _convert(plain / "checkpoints" / "global_step3", tmp_path / "bad", "--to", "pipeline")
+    assert zero3.returncode == 2 and "parallel.zero_stage=3, which a resumed run keeps" in zero3.stderr
+    assert not (tmp_path / "bad" / "global_step3").exists()
 
     # Another data-parallel size without data.global_batches: the data position names other streams.
     converted = tmp_path / "dp" / "checkpoints"
@@ -158,3 +186,41 @@ def test_split_patterns_match_how_every_parameter_is_sharded(tmp_path: Path) -> 
     """The patterns the converter merges by agree with each parameter's own sharding marks (at TP=2),
     in both forms of the model: module names, and the pipeline's layer-numbered names."""
     run_distributed(_check_split_patterns, 2, tmp_path)
+
+
+def _check_parameter_names(rank: int, world: int) -> None:
+    import deepspeed
+
+    from megamm.config import load_config
+    from megamm.engine.forms import PIPELINE, PLAIN, ParameterNames
+    from megamm.model import MultiModalTransformer
+    from megamm.model.pipeline import MultiModalPipeline
+    from megamm.parallel import ParallelState
+
+    # Towers of unlike depth and width, so that no block or head could pass for another.
+    config = load_config("tiny", ["model.image.num_layers=3", "model.text.num_layers=1", "model.text.hidden_size=32"]).model
+    os.environ.setdefault("LOCAL_RANK", str(rank))  # read by PipelineModule
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # joins the group already there
+    parallel = ParallelState.initialize(tensor_parallel=1, pipeline_parallel=1)
+    plain = dict(MultiModalTransformer(config, parallel, seed=7).named_parameters())
+    pipeline = dict(MultiModalPipeline(config, parallel, seed=7).named_parameters())  # DeepSpeed's own names
+    names = ParameterNames(config)
+
+    to_plain = {name: names.to_plain(name) for name in pipeline}
+    assert sorted(to_plain.values()) == sorted(plain), "not one-to-one onto the plain form's parameters"
+    for name, plain_name in to_plain.items():  # the same seeded weights: the same tensor under both names
+        assert torch.equal(pipeline[name], plain[plain_name]), (name, plain_name)
+        assert names.to_pipeline(plain_name) == name
+    assert names.form_of(plain) == PLAIN and names.form_of(pipeline) == PIPELINE
+    assert names.renaming(plain, PIPELINE) == {value: key for key, value in to_plain.items()}
+    assert names.renaming(pipeline, PIPELINE) == {name: name for name in pipeline}
+    with pytest.raises(KeyError, match="no parameter of the model's pipeline form"):
+        names.to_plain("8.block.attn.qkv.weight")  # layer 8 is the temperature, which holds no block
+    with pytest.raises(ValueError, match="neither all of the plain form nor all of the pipeline form"):
+        names.form_of([*plain][:1] + [*pipeline][:1])
+
+
+def test_parameter_names_correspond_between_the_plain_and_pipeline_forms(tmp_path: Path) -> None:
+    """Every parameter of the pipeline form (as DeepSpeed's PipelineModule names it) maps onto the
+    plain model's parameter of the same seeded weights, and back."""
+    run_distributed(_check_parameter_names, 1, tmp_path)

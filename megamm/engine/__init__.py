@@ -42,7 +42,13 @@ from megamm.engine.ds_config import build_ds_config, load_template
 from megamm.engine.preemption import STOP_SIGNALS, Preempted, StopRequest
 from megamm.engine.runlock import DirectoryLocked, LockLost, RunLock
 from megamm.engine.runner import Inputs, PipelineRunner, PlainRunner, StepRunner, make_runner
-from megamm.engine.universal import UNIVERSAL_CHECKPOINT_INFO, convert_to_universal, universal_checkpoint_info
+from megamm.engine.forms import ParameterNames, form_for
+from megamm.engine.universal import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    convert_to_universal,
+    universal_checkpoint_info,
+    universal_form,
+)
 from megamm.engine.watchdog import Watchdog
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "Inputs",
     "LaunchInfo",
     "LockLost",
+    "ParameterNames",
     "PipelineRunner",
     "PlainRunner",
     "Preempted",
@@ -71,6 +78,7 @@ __all__ = [
     "complete_checkpoints",
     "convert_to_universal",
     "device",
+    "form_for",
     "free_port",
     "full_numel",
     "full_shape",
@@ -93,6 +101,7 @@ __all__ = [
     "set_aside_abandoned",
     "synchronize",
     "universal_checkpoint_info",
+    "universal_form",
     "warmup_cosine",
     "zero3_builds",
 ]

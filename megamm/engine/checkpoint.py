@@ -289,11 +289,14 @@ def check_layout(path: str | Path, layout: dict[str, int]) -> None:
     differing = {key: (saved.get(key), value) for key, value in layout.items() if saved.get(key) != value}
     if differing:
         details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differing.items())
+        stages = layout.get("pipeline_parallel", saved["pipeline_parallel"])
+        to = "" if (saved["pipeline_parallel"] > 1) == (stages > 1) else f" --to {'pipeline' if stages > 1 else 'plain'}"
         raise ValueError(
             f"checkpoint {path} was written with another parallel layout ({details}); resume with "
             "the layout it was saved with, or convert it for another one: python tools/convert_checkpoint.py "
-            f"{path} --out <new checkpoint.dir> (DeepSpeed's universal checkpoint: any tensor-parallel, "
-            "data-parallel and ZeRO layout, and any number of pipeline stages if it had stages)"
+            f"{path}{to} --out <new checkpoint.dir> (DeepSpeed's universal checkpoint: any tensor-parallel, "
+            "pipeline-parallel, data-parallel and ZeRO layout; --to plain or --to pipeline names the parameters "
+            "for the model's form without or with pipeline stages)"
         )
 
 
@@ -301,6 +304,8 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     """Load model, optimizer and scheduler state from a complete checkpoint; return client state."""
     path = Path(path)
     universal = bool(read_marker(path).get("universal"))
+    if universal:
+        _check_parameter_folders(engine, path)
     groups = _hyperparameters(engine) if universal else None
     load_path, client_state = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -310,6 +315,18 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     if groups is not None:
         _repair_universal_load(engine, groups)
     return client_state or {}
+
+
+def _check_parameter_folders(engine: Any, path: Path) -> None:
+    """Raise unless universal checkpoint ``path`` holds a folder for each of this rank's parameters,
+    by the name the engine gives it (DeepSpeed's loader would fail on the first one missing)."""
+    missing = [name for name, _ in engine.module.named_parameters() if not (path / "zero" / name).is_dir()]
+    if missing:
+        raise RuntimeError(
+            f"universal checkpoint {path} holds no zero/{missing[0]} (nor {len(missing) - 1} more of this rank's "
+            "parameters): it was converted for the model's other form or another model; convert the source "
+            "again with tools/convert_checkpoint.py --to plain (parallel.pipeline_parallel=1) or --to pipeline"
+        )
 
 
 def _repair_universal_load(engine: Any, groups: list[dict[str, Any]]) -> None:

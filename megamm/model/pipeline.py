@@ -28,14 +28,22 @@ tensor-parallel ranks and sends the parts, taking that tensor to be alike on eve
 No weights are shared between layers of this model, so every layer is a plain ``LayerSpec``;
 a tied pair (a captioning decoder's output projection and its token embedding) would be a
 ``TiedLayerSpec`` with one key.
+
+Parameter names differ between the two forms: DeepSpeed names a pipeline layer's parameters
+after the layer's index (``"5.block.attn.qkv.weight"``; a ``TiedLayerSpec``'s after its key,
+``"tied_modules.<key>.<name>"``), the plain model after its modules
+(``"text_encoder.transformer.layers.0.attn.qkv.weight"``). Each layer class says what each of
+its own submodules (or parameters) is called in the plain model (``PLAIN_NAMES``, filled in with
+the layer's arguments), and :func:`plain_prefixes` lists them for every layer of a config.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Sequence
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
@@ -56,6 +64,8 @@ MODALITIES = ("image", "text")
 class ImageEmbeddingLayer(nn.Module):
     """(images, ids, mask) -> (image features, ids, mask)."""
 
+    PLAIN_NAMES = {"embedding": "image_encoder.embedding"}
+
     def __init__(
         self, config: ModelConfig, init: WeightInit, group: ProcessGroup = None, sequence_parallel: bool = False
     ) -> None:
@@ -74,6 +84,8 @@ class ImageEmbeddingLayer(nn.Module):
 class TextEmbeddingLayer(nn.Module):
     """(image features, ids, mask) -> (image features, text features, mask); under sequence
     parallelism the mask comes out padded like the text stream."""
+
+    PLAIN_NAMES = {"embedding": "text_encoder.embedding"}
 
     def __init__(
         self, config: ModelConfig, group: ProcessGroup, init: WeightInit, sequence_parallel: bool = False
@@ -96,6 +108,8 @@ class BlockLayer(nn.Module):
     is recomputed in the backward pass by :func:`megamm.parallel.checkpoint`, as in the
     single-process model.
     """
+
+    PLAIN_NAMES = {"block": "{modality}_encoder.transformer.layers.{index}"}
 
     def __init__(
         self,
@@ -132,6 +146,8 @@ class BlockLayer(nn.Module):
 class HeadLayer(nn.Module):
     """One tower's final LayerNorm, pooling (class token / masked mean) and projection."""
 
+    PLAIN_NAMES = {"final_norm": "{modality}_encoder.transformer.final_norm", "projection": "{modality}_projection"}
+
     def __init__(
         self,
         config: ModelConfig,
@@ -162,6 +178,8 @@ class TemperatureLayer(nn.Module):
 
     Clamped like :class:`~megamm.model.heads.ContrastiveHead`'s (``CLAMP_ATTRIBUTE``).
     """
+
+    PLAIN_NAMES = {"logit_scale": "contrastive.logit_scale"}
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -200,6 +218,37 @@ def layer_specs(
         specs.append(LayerSpec(HeadLayer, config, modality, init, group, sp))
     specs.append(LayerSpec(TemperatureLayer, config))
     return specs
+
+
+def plain_prefixes(config: ModelConfig) -> list[tuple[str, str]]:
+    """``(pipeline-form prefix, plain-form prefix)`` of every layer's submodules (or parameters),
+    in layer order.
+
+    Derived from :func:`layer_specs`: layer ``i``'s submodule ``block`` is ``"i.block"`` in the
+    pipeline form (``"tied_modules.<key>.block"`` for a ``TiedLayerSpec``, listed once per key)
+    and its class's ``PLAIN_NAMES["block"]``, filled in with the layer's arguments
+    (``modality``, ``index``), in the plain one. A parameter's name in either form is its
+    submodule's prefix followed by the same rest (``".attn.qkv.weight"``).
+
+    Raises:
+        TypeError: a layer class declares no ``PLAIN_NAMES``.
+    """
+    pairs: list[tuple[str, str]] = []
+    tied: set[str] = set()
+    for index, spec in enumerate(layer_specs(config, ParallelState.single(), weight_init(config, 0))):
+        layer = spec.typename
+        if not hasattr(layer, "PLAIN_NAMES"):
+            raise TypeError(f"pipeline layer {index} ({layer.__name__}) declares no PLAIN_NAMES")
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key in tied:
+                continue
+            tied.add(spec.key)
+            owner = f"tied_modules.{spec.key}"
+        else:
+            owner = str(index)
+        arguments = inspect.signature(layer).bind(*spec.module_args, **spec.module_kwargs).arguments
+        pairs += [(f"{owner}.{sub}", plain.format(**arguments)) for sub, plain in layer.PLAIN_NAMES.items()]
+    return pairs
 
 
 class MultiModalPipeline(PipelineModule):
@@ -258,4 +307,5 @@ __all__ = [
     "TemperatureLayer",
     "TextEmbeddingLayer",
     "layer_specs",
+    "plain_prefixes",
 ]

@@ -141,12 +141,18 @@ def resolve_init_source(spec: str) -> Path:
     return chosen
 
 
+RESIZABLE = ("model.image.image_size",)
+"""Model fields fine-tuning may change: the weights adapt on loading (the image embedding
+interpolates its learned positions to the new patch grid)."""
+
+
 def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -> None:
     """Refuse fine-tuning settings that the checkpoint's weights cannot serve.
 
-    The weights fit only the model they were trained as (every ``model.*`` field), sharded the
-    same way (``parallel.tensor_parallel``; any data-parallel size and ZeRO stage is fine), and
-    they mean what they mean only with the tokenizer they were trained with. The run must write
+    The weights fit only the model they were trained as (every ``model.*`` field but the image size,
+    :data:`RESIZABLE`), sharded the same way (``parallel.tensor_parallel``; any data-parallel size
+    and ZeRO stage is fine), and they mean what they mean only with the tokenizer they were trained
+    with. The run must write
     its own checkpoints and TensorBoard events, never into the source run's.
 
     Raises:
@@ -155,7 +161,11 @@ def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -
     marker = read_marker(source)
     saved = marker["config"]  # resolve_init_source made sure of it
     old, new = _saved_settings(saved), _flatten(to_dict(config))
-    model_changes = sorted(name for name in old.keys() | new.keys() if name.startswith("model.") and old.get(name) != new.get(name))
+    model_changes = sorted(
+        name
+        for name in old.keys() | new.keys()
+        if name.startswith("model.") and name not in RESIZABLE and old.get(name) != new.get(name)
+    )
     problems = []
     if model_changes:
         problems.append(

@@ -371,3 +371,15 @@ def test_finetune_refuses_what_the_weights_cannot_serve(
     before = digest(finished_run, tmp_path / "ft")
     _assert_refused(pretrain(expanded, timeout=120, script=FINETUNE), *fragments)
     assert digest(finished_run, tmp_path / "ft") == before
+
+
+def test_finetune_at_another_image_size_resizes_the_positions(finished_run: Path, tmp_path: Path) -> None:
+    """model.image.image_size is the one model field fine-tuning may change: the image embedding's
+    learned positions are interpolated to the new patch grid (32 -> 48 pixels, patches of 4: 8 x 8 -> 12 x 12)."""
+    own = [f"checkpoint.dir={tmp_path / 'ft' / 'checkpoints'}", f"logging.tensorboard_dir={tmp_path / 'ft' / 'tb'}"]
+    args = ["--from", str(finished_run / "checkpoints"), "model.image.image_size=48", "data.image_size=48", "train_steps=1", *own]
+    result = pretrain(args, timeout=120, script=FINETUNE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "64 saved positions resized to a 12 x 12 patch grid" in log, log[-3000:]
+    assert (tmp_path / "ft" / "checkpoints" / "global_step1" / "megamm_complete.json").is_file()

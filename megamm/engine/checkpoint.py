@@ -429,7 +429,9 @@ def load_model_weights(path: str | Path, tp_rank: int) -> dict[str, Any]:
 def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
     """``model.load_state_dict(state)`` (strict), also for a model built partitioned under ZeRO-3.
 
-    ``state`` holds this tensor-parallel rank's whole tensors (:func:`load_model_weights`). A model
+    ``state`` holds this tensor-parallel rank's whole tensors (:func:`load_model_weights`); a module
+    with an ``adapt_state_dict(state, prefix)`` method adapts its entries first (an image embedding
+    trained at another resolution resizes its positions), under ZeRO-3 as without. A model
     built in :func:`~megamm.engine.model_construction` under ZeRO-3 holds empty placeholders: each
     module's own parameters are then gathered in turn (one module's at a time), filled from
     ``state`` on data-parallel rank 0, broadcast and partitioned again. Collective then: every rank
@@ -443,6 +445,10 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
         return
     import deepspeed
 
+    state = dict(state)
+    for prefix, module in model.named_modules():  # what load_state_dict's per-module hooks adapt
+        if hasattr(module, "adapt_state_dict"):
+            module.adapt_state_dict(state, f"{prefix}." if prefix else "")
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

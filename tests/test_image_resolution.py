@@ -65,3 +65,13 @@ def test_encoder_trained_at_32_pixels_loads_and_runs_at_48() -> None:
     assert out.shape == (2, 32) and torch.isfinite(out).all()
     with pytest.raises(RuntimeError, match="size mismatch"):  # another width is not a resolution change
         ImageEncoder(32, 8, 3, 16, 1, 4, 64, None, WeightInit(seed=0)).load_state_dict(small.state_dict())
+
+
+def test_placeholders_and_other_widths_are_left_to_the_shape_check() -> None:
+    """DeepSpeed's ZeRO-3 loading hands the hook empty partitioned placeholders: they stay as they
+    are, as does a tensor of another width (not a resolution change)."""
+    embedding = _encoder(48).embedding
+    for value in (torch.empty(0), torch.zeros(17, 16)):
+        state = {"embedding.position_embedding": value}
+        embedding.adapt_state_dict(state, "embedding.")
+        assert state["embedding.position_embedding"] is value

@@ -107,8 +107,11 @@ class ImagePatchEmbedding(nn.Module):
         the engine's partitioned (ZeRO-3) loader alike."""
         key = prefix + "position_embedding"
         saved = state_dict.get(key)
-        if saved is None or saved.shape[0] == self.num_tokens or saved.shape[1:] != self.position_embedding.shape[1:]:
-            return  # nothing to do, or not a resolution change (the shape check reports it)
+        hidden = self.patch_embedding.out_features
+        if saved is None or saved.dim() != 2 or saved.shape[1] != hidden or saved.shape[0] == self.num_tokens:
+            # Nothing to do; or not a resolution change, which the shape check reports; or a ZeRO-3
+            # placeholder (DeepSpeed's own loading passes the empty partitioned tensors).
+            return
         side = _grid_side(self.num_tokens)
         log.info("%s: %d saved positions resized to a %d x %d patch grid", key, saved.shape[0] - 1, side, side)
         state_dict[key] = interpolate_position_embedding(saved, self.num_tokens)

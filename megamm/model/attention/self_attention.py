@@ -1,14 +1,16 @@
-"""Full multi-head self-attention with heads split over the tensor-parallel group."""
+"""Multi-head self-attention with heads split over the tensor-parallel group; full attention by
+default, or any kernel of :mod:`megamm.model.attention.core` (sparse, linear)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional
+from typing import Any, ContextManager, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megamm.model.attention.core import AttentionKernel, as_kernel
+from megamm.model.attention.rotary import RotaryEmbedding
 from megamm.parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker, group_size
 from megamm.parallel.layers import InitMethod
 from megamm.parallel.mappings import ProcessGroup
@@ -35,7 +37,7 @@ def tensor_parallel_rng(group: ProcessGroup) -> ContextManager[None]:
 
 
 class ParallelSelfAttention(nn.Module):
-    """Scaled dot-product attention; each rank owns num_heads / tp heads.
+    """Multi-head self-attention; each rank owns num_heads / tp heads.
 
     Q, K and V are one stacked column-parallel projection (one matmul), each rank holding
     whole heads of each; the output projection is row-parallel and sums over ranks.
@@ -46,6 +48,13 @@ class ParallelSelfAttention(nn.Module):
 
     ``attention_dropout`` drops attention probabilities in training, drawn from this rank's own
     random stream (:func:`tensor_parallel_rng`): each rank holds other heads.
+
+    ``kernel`` chooses what runs between the projections: None or ``"full"`` (scaled dot-product
+    attention, as before), ``"local"``, ``"block_sparse"`` or ``"linear"``, built with
+    ``kernel_options`` (see :func:`megamm.model.attention.attention_kernel`), or a kernel object.
+    ``causal``: position i attends only to positions <= i (a decoder). ``rotary``: rotary position
+    embedding of queries and keys (base ``rotary_base``), positions 0 .. T - 1 of the whole
+    sequence. Linear attention has no probabilities, so no ``attention_dropout``.
     """
 
     def __init__(
@@ -57,6 +66,11 @@ class ParallelSelfAttention(nn.Module):
         output_init_method: InitMethod,
         sequence_parallel: bool = False,
         attention_dropout: float = 0.0,
+        kernel: Union[str, AttentionKernel, None] = None,
+        kernel_options: Optional[Mapping[str, Any]] = None,
+        causal: bool = False,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
     ) -> None:
         super().__init__()
         tp = group_size(group)
@@ -66,6 +80,14 @@ class ParallelSelfAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.local_heads = num_heads // tp
         self.attention_dropout = attention_dropout
+        self.causal = causal
+        self.kernel = as_kernel(kernel, kernel_options, self.head_dim)
+        if attention_dropout > 0 and not self.kernel.has_probabilities:
+            raise ValueError(
+                f"ParallelSelfAttention: the {self.kernel.name} kernel has no attention probabilities to drop; "
+                "set attention_dropout=0"
+            )
+        self.rotary = RotaryEmbedding(self.head_dim, rotary_base) if rotary else None
         sequence_parallel = sequence_parallel and tp > 1
         self.qkv = ColumnParallelLinear(
             hidden_size, 3 * hidden_size, group, init_method=init_method, stacked=3, sequence_parallel=sequence_parallel
@@ -81,15 +103,14 @@ class ParallelSelfAttention(nn.Module):
         batch, length, _ = qkv.shape
         qkv = qkv.view(batch, length, 3, self.local_heads, self.head_dim)  # (B, T, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T): True = attend
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)  # (B, h, T, d), rotated by position
         if self.training and self.attention_dropout > 0:
             with tensor_parallel_rng(self.group):  # this rank's heads: its own masks
-                context = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout
+                context = self.kernel(
+                    q, k, v, key_padding_mask, causal=self.causal, dropout_p=self.attention_dropout
                 )  # (B, h, T, d)
         else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, T, d)
+            context = self.kernel(q, k, v, key_padding_mask, causal=self.causal)  # (B, h, T, d)
         context = context.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim)
         return self.out(context)  # (B, T, H), or (B, T / tp, H) under sequence parallelism

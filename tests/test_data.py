@@ -26,6 +26,7 @@ from PIL import Image
 
 from megamm.config import ConfigError, DataConfig
 from megamm.data import (
+    ROW_FIELDS,
     DataPosition,
     Tokenizer,
     build_train_loader,
@@ -141,7 +142,7 @@ def assert_batches_equal(left: list[dict[str, Any]], right: list[dict[str, Any]]
     for a, b in zip(left, right):
         assert a["keys"] == b["keys"]
         assert a["skipped"] == b["skipped"]
-        for name in ("image", "text_ids", "text_mask"):
+        for name in ROW_FIELDS:  # images, captions, audio, questions and answers
             assert torch.equal(a[name], b[name]), name
 
 
@@ -214,7 +215,7 @@ def test_global_batches_are_the_same_at_any_data_parallel_size(demo: Path, token
         for step, batch in enumerate(whole):
             parts = [share[step] for share in shares]
             assert [key for part in parts for key in part["keys"]] == batch["keys"]
-            for name in ("image", "text_ids", "text_mask"):
+            for name in ROW_FIELDS:
                 assert torch.equal(torch.cat([part[name] for part in parts]), batch[name]), name
             assert parts[0]["position"] == batch["position"] and parts[0]["stream"] == batch["stream"]
     resumed = take(build_train_loader(cfg, tokenizer, 1, 2, 4, position_after(whole[:5])), 7)

@@ -1,12 +1,26 @@
-"""Data for megamm: shard discovery, tokenizer, the synthetic demo dataset and the loaders.
+"""Data for megamm: shard discovery, tokenizer, WAV audio, the synthetic demo dataset and the loaders.
 
 This package depends only on ``megamm.config``, ``megamm.fileio``, the standard
 library, numpy, torch, PIL, webdataset (and its braceexpand) and sentencepiece.
 """
 
-from megamm.data.demo import COLOURS, MAX_EVAL_SAMPLES, POSITIONS, SHAPES, iter_captions, write_demo_dataset
+from megamm.data.audio import SAMPLE_RATE, WavError, decode_wav, encode_wav, pcm_to_float
+from megamm.data.demo import (
+    ANSWER_VOCAB,
+    COLOURS,
+    MAX_EVAL_SAMPLES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    iter_captions,
+    write_demo_dataset,
+)
 from megamm.data.pipeline import (
+    AUDIO_PAD_MULTIPLE,
     IMAGE_EXTENSIONS,
+    MAX_AUDIO_SAMPLES,
+    NO_ANSWER,
+    ROW_FIELDS,
     Batch,
     DataPosition,
     build_train_loader,
@@ -29,19 +43,27 @@ from megamm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, tra
 from megamm.fileio import atomic_output
 
 __all__ = [
+    "ANSWER_VOCAB",
+    "AUDIO_PAD_MULTIPLE",
     "BOS_ID",
     "COLOURS",
     "EOS_ID",
     "IMAGE_EXTENSIONS",
+    "MAX_AUDIO_SAMPLES",
     "MAX_EVAL_SAMPLES",
+    "NO_ANSWER",
     "PAD_ID",
     "POSITIONS",
+    "ROW_FIELDS",
+    "SAMPLE_RATE",
     "SHAPES",
+    "SIZES",
     "SIZES_FILE",
     "UNK_ID",
     "Batch",
     "DataPosition",
     "Tokenizer",
+    "WavError",
     "atomic_output",
     "brace_expand",
     "build_train_loader",
@@ -49,12 +71,15 @@ __all__ = [
     "check_shards_readable",
     "data_stream_settings",
     "decode_image",
+    "decode_wav",
+    "encode_wav",
     "expand_shards",
     "images_to_tensor",
     "iter_captions",
     "iter_eval_batches",
     "iter_tar_samples",
     "known_sample_count",
+    "pcm_to_float",
     "placeholder_batch",
     "train_tokenizer",
     "write_demo_dataset",

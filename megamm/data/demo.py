@@ -1,15 +1,48 @@
-"""A synthetic, learnable image-caption dataset written as WebDataset shards.
+"""A synthetic, learnable multi-modal dataset written as WebDataset shards.
 
 Every image shows one coloured shape on a dark, noisy background. The caption names the
 shape's colour, kind and position (with varied wording and synonyms), so a contrastive model can
-learn to match them. Layout written by :func:`write_demo_dataset`::
+learn to match them. Most samples also have a short sound that encodes the same attributes, and
+every sample has question-answer pairs about them. Layout written by :func:`write_demo_dataset`::
 
     out_dir/train/shard-000000.tar ...   samples train-000000, train-000001, ...
     out_dir/eval/shard-000000.tar        samples eval-000000, ... (each attribute combination once)
     out_dir/{train,eval}/sizes.json      samples per shard (the convention OpenCLIP reads too)
-    out_dir/manifest.json                counts and parameters; "complete" once every shard is written
+    out_dir/manifest.json                counts, parameters, the answer vocabulary; "complete" once
+                                         every shard is written
 
-Each sample has ``png`` (RGB image), ``txt`` (caption) and ``json`` (attributes).
+Each sample has ``png`` (RGB image), ``txt`` (caption), ``json`` (attributes, with ``audio``
+describing the sound or null) and ``qa.json``; a fraction of them (``audio_fraction`` of the
+training samples, every evaluation sample) has ``wav``.
+
+Attributes: colour (8), shape (4), position (5) and size (3 classes of the drawn scale, which
+varies continuously in [0.8, 1.2]: small below 0.9, large above 1.1).
+
+Sound (``wav``): 16 kHz mono 16-bit PCM (:mod:`megamm.data.audio`), 0.4-0.6 s long (uniform per
+sample), sine beeps over white noise:
+
+* pitch from the colour: :data:`PITCHES_HZ`, 250 Hz times 2 ** (6 k / 12) for the k-th colour
+  (red 250, green 354, blue 500, yellow 707, cyan 1000, magenta 1414, white 2000, orange 2828 Hz;
+  a tritone apart), jittered by up to +-0.4 semitone per sample;
+* rhythm from the shape: :data:`BEEPS`, circle 1, square 2, triangle 3, cross 4 beeps, one
+  centred in each equal slot of the clip (position jittered), each sounding 55-75% of its slot;
+* pitch contour over the clip from the position: :data:`CONTOUR_OF`, top rising (-2 -> +2
+  semitones), bottom falling (+2 -> -2), center steady, left vibrato (+-1.5 semitones at 5 Hz),
+  right arch (-2 -> +2 -> -2); the pitch never strays more than 2.4 semitones from the colour's,
+  half the distance to the next colour's;
+* loudness from the size: peak level ``-7 + 30 (scale - 1)`` dBFS, from -13 dBFS (scale 0.8) to
+  -1 dBFS (1.2); small is below -10 dBFS, large above -4 dBFS;
+* white noise of standard deviation 0.005-0.03 (uniform per sample).
+
+Questions (``qa.json``): a JSON list of four ``{"kind", "question", "answer"}`` objects, one per
+kind: ``colour`` ("what colour is the box?" -> "red"), ``shape`` ("what shape is on the left?"
+-> "square"), ``position`` ("where is the red shape?" -> "left") and ``size`` ("how big is the
+red square?" -> "small"), each in a random wording that never names the answer. Every answer is
+a word of :data:`ANSWER_VOCAB` (colours, shapes, positions, sizes), which the manifest lists too.
+
+Images and captions come from each shard's own RNG streams, as in format 1 (they are unchanged);
+the sound, its presence and the questions from a separate seed per sample,
+``(seed, 2, split, sample index)``.
 """
 
 from __future__ import annotations
@@ -31,12 +64,14 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from megamm.data.audio import SAMPLE_RATE, encode_wav, synthesize_beeps
 from megamm.data.shards import SIZES_FILE, iter_tar_samples
 from megamm.fileio import atomic_output
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: samples gained ``wav`` and ``qa.json`` (images and captions are those of version 1)."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -57,7 +92,23 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom": (0.5, 0.75),
     "center": (0.5, 0.5),
 }
+SIZES: tuple[str, ...] = ("small", "medium", "large")
 MAX_EVAL_SAMPLES = len(COLOURS) * len(SHAPES) * len(POSITIONS)
+
+ANSWER_VOCAB: tuple[str, ...] = (*COLOURS, *SHAPES, *POSITIONS, *SIZES)
+"""Every answer of the demo's questions; an answer's index here is its class."""
+
+DEFAULT_AUDIO_FRACTION = 0.75
+"""Training samples with a sound (each independently); every evaluation sample has one."""
+PITCHES_HZ: dict[str, float] = {colour: 250.0 * 2.0 ** (6 * k / 12) for k, colour in enumerate(COLOURS)}
+BEEPS: dict[str, int] = {"circle": 1, "square": 2, "triangle": 3, "cross": 4}
+CONTOUR_OF: dict[str, str] = {
+    "top": "rising", "bottom": "falling", "center": "steady", "left": "vibrato", "right": "arch"
+}
+AUDIO_SECONDS = (0.4, 0.6)
+_PITCH_JITTER = 0.4  # semitones
+_DUTY_RANGE = (0.55, 0.75)
+_NOISE_STD_RANGE = (0.005, 0.03)
 
 _SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "disc", "round dot"),
@@ -96,6 +147,36 @@ _TEMPLATES: tuple[str, ...] = (
     "{where}, {a_obj}",
     "a picture showing {a_obj} {where}",
 )
+
+# Question wordings by kind; none names the answer ({shape} and {where} are the caption's synonyms).
+_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour": (
+        "what colour is the {shape}?",
+        "what color is the {shape}?",
+        "which colour is the shape {where}?",
+        "what is the colour of the {shape} {where}?",
+        "what colour does the {shape} have?",
+    ),
+    "shape": (
+        "what shape is {where}?",
+        "which shape is shown?",
+        "what is the {colour} shape?",
+        "what kind of shape is {where}?",
+        "what shape is the {colour} object?",
+    ),
+    "position": (
+        "where is the {colour} {shape}?",
+        "where is the {colour} shape?",
+        "in which part of the image is the {shape}?",
+        "where in the picture is the {colour} object?",
+    ),
+    "size": (
+        "how big is the {colour} {shape}?",
+        "what size is the {shape} {where}?",
+        "is the {colour} {shape} small, medium or large?",
+        "how large is the shape {where}?",
+    ),
+}
 
 _RADIUS = 0.16  # shape half-extent as a fraction of the image side, before size jitter
 _SCALE_RANGE = (0.8, 1.2)
@@ -199,22 +280,89 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_sample(
-    rng: random.Random, noise: np.ndarray, key: str, colour: str, shape: str, position: str
-) -> dict[str, Any]:
-    """A WebDataset sample ``{"__key__", "png", "txt", "json"}`` with bytes values.
+def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
 
-    ``noise`` is the (H, W, 3) uint8 background; see :func:`render_image`.
+
+def render_sound(
+    rng: np.random.Generator, colour: str, shape: str, position: str, scale: float
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The sound of a sample (the mapping is in the module docstring): (S,) int16 samples at
+    :data:`~megamm.data.audio.SAMPLE_RATE` and a description of what was rendered."""
+    pitch = PITCHES_HZ[colour] * 2.0 ** (rng.uniform(-_PITCH_JITTER, _PITCH_JITTER) / 12.0)
+    seconds = rng.uniform(*AUDIO_SECONDS)
+    level_db = -7.0 + 30.0 * (scale - 1.0)
+    pcm = synthesize_beeps(
+        rng,
+        pitch_hz=pitch,
+        contour=CONTOUR_OF[position],
+        beeps=BEEPS[shape],
+        level_db=level_db,
+        seconds=seconds,
+        duty=rng.uniform(*_DUTY_RANGE),
+        noise_std=rng.uniform(*_NOISE_STD_RANGE),
+    )
+    description = {
+        "pitch_hz": round(pitch, 2),
+        "beeps": BEEPS[shape],
+        "contour": CONTOUR_OF[position],
+        "level_db": round(level_db, 2),
+        "samples": int(pcm.shape[0]),
+        "sample_rate": SAMPLE_RATE,
+    }
+    return pcm, description
+
+
+def make_questions(
+    rng: np.random.Generator, colour: str, shape: str, position: str, size: str
+) -> list[dict[str, str]]:
+    """One question per kind (colour, shape, position, size), randomly worded, with its answer."""
+    answers = {"colour": colour, "shape": shape, "position": position, "size": size}
+    pairs = []
+    for kind, templates in _QUESTIONS.items():
+        question = _pick(rng, templates).format(
+            shape=_pick(rng, _SHAPE_WORDS[shape]), where=_pick(rng, _WHERE[position]), colour=colour
+        )
+        pairs.append({"kind": kind, "question": question, "answer": answers[kind]})
+    return pairs
+
+
+def sample_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
+    """The seed of sample ``index`` of ``split``'s sound, its presence and its questions."""
+    return np.random.SeedSequence([seed % 2**64, 2, ("train", "eval").index(split), index])
+
+
+def make_sample(
+    rng: random.Random,
+    noise: np.ndarray,
+    key: str,
+    colour: str,
+    shape: str,
+    position: str,
+    extras: np.random.SeedSequence,
+    audio_fraction: float = 1.0,
+) -> dict[str, Any]:
+    """A WebDataset sample ``{"__key__", "png", "txt", "json", "qa.json"}`` (and ``"wav"`` with
+    probability ``audio_fraction``) with bytes values.
+
+    ``noise`` is the (H, W, 3) uint8 background; see :func:`render_image`. ``rng`` draws the
+    image and caption; ``extras`` (:func:`sample_seed`) the sound, its presence and the questions.
     """
     pixels, attributes = render_image(rng, noise, colour, shape, position)
     caption = make_caption(rng, colour, shape, position, attributes["size"])
     attributes["caption"] = caption
-    return {
-        "__key__": key,
-        "png": _png_bytes(pixels),
-        "txt": caption.encode("utf-8"),
-        "json": json.dumps(attributes, sort_keys=True).encode("utf-8"),
-    }
+    presence_seed, sound_seed, question_seed = extras.spawn(3)
+    sample: dict[str, Any] = {"__key__": key, "png": _png_bytes(pixels), "txt": caption.encode("utf-8")}
+    attributes["audio"] = None
+    if np.random.default_rng(presence_seed).random() < audio_fraction:
+        pcm, attributes["audio"] = render_sound(
+            np.random.default_rng(sound_seed), colour, shape, position, attributes["scale"]
+        )
+        sample["wav"] = encode_wav(pcm)
+    questions = make_questions(np.random.default_rng(question_seed), colour, shape, position, attributes["size"])
+    sample["json"] = json.dumps(attributes, sort_keys=True).encode("utf-8")
+    sample["qa.json"] = json.dumps(questions).encode("utf-8")
+    return sample
 
 
 def _backgrounds(rng: _ShardRng, count: int, image_size: int) -> np.ndarray:
@@ -235,7 +383,7 @@ def _write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
 
 
 def _train_samples(
-    seed: int, shard: int, samples_per_shard: int, image_size: int
+    seed: int, shard: int, samples_per_shard: int, image_size: int, audio_fraction: float
 ) -> Iterator[dict[str, Any]]:
     rng = _ShardRng(seed, 0, shard)
     backgrounds = _backgrounds(rng, samples_per_shard, image_size)
@@ -244,18 +392,23 @@ def _train_samples(
         colour = rng.scalars.choice(colours)
         shape = rng.scalars.choice(SHAPES)
         position = rng.scalars.choice(positions)
-        key = f"train-{shard * samples_per_shard + i:06d}"
-        yield make_sample(rng.scalars, backgrounds[i], key, colour, shape, position)
+        index = shard * samples_per_shard + i
+        extras = sample_seed(seed, "train", index)
+        yield make_sample(
+            rng.scalars, backgrounds[i], f"train-{index:06d}", colour, shape, position, extras, audio_fraction
+        )
 
 
 def _eval_samples(seed: int, count: int, image_size: int) -> Iterator[dict[str, Any]]:
-    """``count`` samples, each (colour, shape, position) at most once, with their own RNG stream."""
+    """``count`` samples, each (colour, shape, position) at most once, with their own RNG stream;
+    every one has a sound."""
     rng = _ShardRng(seed, 1)
     backgrounds = _backgrounds(rng, count, image_size)
     combos = list(itertools.product(COLOURS, SHAPES, POSITIONS))
     rng.scalars.shuffle(combos)
     for i, (colour, shape, position) in enumerate(combos[:count]):
-        yield make_sample(rng.scalars, backgrounds[i], f"eval-{i:06d}", colour, shape, position)
+        extras = sample_seed(seed, "eval", i)
+        yield make_sample(rng.scalars, backgrounds[i], f"eval-{i:06d}", colour, shape, position, extras, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,10 +421,11 @@ class _ShardJob:
     count: int
     image_size: int
     seed: int
+    audio_fraction: float
 
     def run(self) -> int:
         if self.split == "train":
-            samples = _train_samples(self.seed, self.index, self.count, self.image_size)
+            samples = _train_samples(self.seed, self.index, self.count, self.image_size, self.audio_fraction)
         else:
             samples = _eval_samples(self.seed, self.count, self.image_size)
         return _write_shard(self.path, samples)
@@ -361,7 +515,9 @@ def _read_reusable_manifest(manifest_path: Path, params: dict[str, Any]) -> dict
     return manifest
 
 
-def _validate_params(train_shards: int, samples_per_shard: int, eval_samples: int, image_size: int) -> None:
+def _validate_params(
+    train_shards: int, samples_per_shard: int, eval_samples: int, image_size: int, audio_fraction: float
+) -> None:
     if train_shards < 1:
         raise ValueError(f"train_shards={train_shards} must be >= 1")
     if samples_per_shard < 1:
@@ -373,6 +529,8 @@ def _validate_params(train_shards: int, samples_per_shard: int, eval_samples: in
         )
     if image_size < 8:
         raise ValueError(f"image_size={image_size} must be >= 8 to draw recognisable shapes")
+    if not 0.0 <= audio_fraction <= 1.0:
+        raise ValueError(f"audio_fraction={audio_fraction} must be in [0, 1]")
 
 
 def write_demo_dataset(
@@ -385,6 +543,7 @@ def write_demo_dataset(
     *,
     workers: int | None = None,
     force: bool = False,
+    audio_fraction: float = DEFAULT_AUDIO_FRACTION,
 ) -> dict[str, Any]:
     """Write the synthetic dataset under ``out_dir``, or reuse an identical earlier one.
 
@@ -400,12 +559,15 @@ def write_demo_dataset(
         workers: processes writing shards in parallel (default: one per CPU); the output does
             not depend on it.
         force: replace shards this generator did not write.
+        audio_fraction: the chance that a training sample has a sound (every evaluation sample
+            has one).
 
     Returns:
         The manifest (``params``, ``train``/``eval`` with ``pattern``, ``shards`` relative to
-        ``out_dir`` and ``samples``, ``attributes``) plus ``reused``: whether it was reused.
+        ``out_dir`` and ``samples``, ``attributes``, ``answers`` (:data:`ANSWER_VOCAB`) and
+        ``audio``) plus ``reused``: whether it was reused.
     """
-    _validate_params(train_shards, samples_per_shard, eval_samples, image_size)
+    _validate_params(train_shards, samples_per_shard, eval_samples, image_size, audio_fraction)
     root = Path(out_dir)
     manifest_path = root / "manifest.json"
     params = {
@@ -415,6 +577,7 @@ def write_demo_dataset(
         "eval_samples": eval_samples,
         "image_size": image_size,
         "seed": seed,
+        "audio_fraction": audio_fraction,
     }
     existing = _read_reusable_manifest(manifest_path, params)
     if existing is not None:
@@ -433,9 +596,9 @@ def write_demo_dataset(
     with atomic_output(manifest_path) as handle:
         handle.write((json.dumps(in_progress, indent=2) + "\n").encode("utf-8"))
     jobs = [
-        _ShardJob(root / "eval" / _shard_name(0), "eval", 0, eval_samples, image_size, seed),
+        _ShardJob(root / "eval" / _shard_name(0), "eval", 0, eval_samples, image_size, seed, 1.0),
         *(
-            _ShardJob(root / "train" / name, "train", i, samples_per_shard, image_size, seed)
+            _ShardJob(root / "train" / name, "train", i, samples_per_shard, image_size, seed, audio_fraction)
             for i, name in enumerate(train_names)
         ),
     ]
@@ -465,15 +628,31 @@ def write_demo_dataset(
             "sizes": f"eval/{SIZES_FILE}",
             "samples": eval_count,
         },
-        "attributes": {"colours": list(COLOURS), "shapes": list(SHAPES), "positions": list(POSITIONS)},
+        "attributes": {
+            "colours": list(COLOURS), "shapes": list(SHAPES), "positions": list(POSITIONS), "sizes": list(SIZES)
+        },
+        "answers": list(ANSWER_VOCAB),
+        "audio": {
+            "sample_rate": SAMPLE_RATE,
+            "seconds": list(AUDIO_SECONDS),
+            "train_fraction": audio_fraction,
+            "eval_fraction": 1.0,
+            "pitches_hz": {colour: round(hz, 2) for colour, hz in PITCHES_HZ.items()},
+            "beeps": BEEPS,
+            "contours": CONTOUR_OF,
+        },
     }
     with atomic_output(manifest_path) as handle:
         handle.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return {**manifest, "reused": False}
 
 
-def iter_captions(shard_paths: Iterable[str | Path]) -> Iterator[str]:
-    """Captions (``txt``) of every sample in the shards, in file order; unreadable ones skipped."""
+def iter_captions(shard_paths: Iterable[str | Path], *, include_questions: bool = False) -> Iterator[str]:
+    """Captions (``txt``) of every sample in the shards, in file order; unreadable ones skipped.
+
+    With ``include_questions``, each caption is followed by the questions and answers of the
+    sample's ``qa.json`` (if any), so that a tokenizer trained on them covers those words too.
+    """
     skipped = 0
 
     def handler(exn: Exception) -> bool:
@@ -491,5 +670,13 @@ def iter_captions(shard_paths: Iterable[str | Path]) -> Iterator[str]:
             yield caption
         else:
             skipped += 1
+        if include_questions and "qa.json" in sample:
+            try:
+                pairs = json.loads(bytes(sample["qa.json"]))
+                texts = [str(pair[field]) for pair in pairs for field in ("question", "answer")]
+            except (ValueError, TypeError, KeyError):
+                skipped += 1
+                continue
+            yield from (text for text in texts if text.strip())
     if skipped:
         logger.warning("iter_captions: %d samples or tar members without a usable caption", skipped)

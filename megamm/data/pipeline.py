@@ -1,4 +1,5 @@
-"""Training and evaluation loaders over WebDataset image-caption shards.
+"""Training and evaluation loaders over WebDataset image-caption shards, with optional audio and
+question-answer pairs.
 
 Training data is read as ``dp_size * W`` independent, deterministic streams
 (``W = max(data.num_workers, 1)`` DataLoader workers per data-parallel rank). Stream
@@ -14,6 +15,15 @@ A sample is usable if it has a non-empty UTF-8 ``txt`` caption and an image (``p
 samples, broken tar members and candidates whose pixels do not decode are skipped and counted
 in the ``skipped`` field of the next batch.
 
+A sample may also have a ``wav`` (16 kHz 16-bit PCM, :mod:`megamm.data.audio`) and a ``qa.json``
+(a JSON list of ``{"question", "answer"}`` objects, as the demo dataset writes); either may be
+missing, and the batch says which rows have them. A ``wav`` or ``qa.json`` that cannot be read
+makes the sample a bad one (the header and the JSON are checked when screening, the samples when
+decoding). Audio longer than :data:`MAX_AUDIO_SAMPLES` is cut to it. Each sample contributes one
+question per pass: pair ``blake2b(seed, epoch, key) mod n`` of its ``n``, so a sample's question
+depends only on the data seed, the pass and the sample (not on the streams, the decoding or the
+resume point).
+
 The data position (:class:`DataPosition`) is exact: each batch says which stream made it and
 how many candidates that stream had consumed when it did. Resuming skips exactly that many
 candidates per stream (screening raw samples without decoding them, so it is cheap) and starts
@@ -27,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import random
@@ -40,17 +51,34 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megamm.config import ConfigError, DataConfig
+from megamm.data.audio import SAMPLE_RATE, WavError, decode_wav, pcm_to_float, wav_info
+from megamm.data.demo import ANSWER_VOCAB
 from megamm.data.shards import expand_shards, iter_tar_samples
-from megamm.data.tokenizer import BOS_ID, Tokenizer
+from megamm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _MAX_WARNINGS = 5
 
+MAX_AUDIO_SECONDS = 1.0
+"""Audio is cut to this length (there is no config field for it)."""
+MAX_AUDIO_SAMPLES = int(MAX_AUDIO_SECONDS * SAMPLE_RATE)
+AUDIO_PAD_MULTIPLE = 1600
+"""A batch's audio is padded to its longest clip rounded up to a multiple of this (0.1 s), at least
+one multiple: few distinct shapes, never an empty one. :data:`MAX_AUDIO_SAMPLES` is a multiple."""
+ANSWER_INDEX: dict[str, int] = {answer: index for index, answer in enumerate(ANSWER_VOCAB)}
+NO_ANSWER = -1
+"""``answer`` of a row without a question, or whose answer is not in the vocabulary: ignore it."""
+ROW_FIELDS = (
+    "image", "text_ids", "text_mask", "audio", "audio_lengths", "has_audio",
+    "question_ids", "question_mask", "answer", "answer_ids", "answer_mask",
+)
+"""The tensor fields of a :class:`Batch`, one row per sample."""
+
 
 class Batch(TypedDict):
-    """One batch of image-caption pairs."""
+    """One batch of image-caption pairs, with audio and a question where the samples have them."""
 
     image: torch.Tensor
     """(B, 3, H, W) float32, pixel values mapped to [-1, 1]: (x / 255 - 0.5) / 0.5."""
@@ -58,6 +86,24 @@ class Batch(TypedDict):
     """(B, T) int64 token ids: BOS, pieces, EOS, then padding."""
     text_mask: torch.Tensor
     """(B, T) bool, True for real tokens (BOS and EOS included)."""
+    audio: torch.Tensor
+    """(B, S) float32 16 kHz mono waveforms in [-1, 1), zero after each row's length; S is the
+    longest clip rounded up to a multiple of :data:`AUDIO_PAD_MULTIPLE` (at least one)."""
+    audio_lengths: torch.Tensor
+    """(B,) int64 valid samples of each row's audio (0 when it has none)."""
+    has_audio: torch.Tensor
+    """(B,) bool, True for rows with audio."""
+    question_ids: torch.Tensor
+    """(B, T) int64 ids of the question (encoded as captions are); all padding without one."""
+    question_mask: torch.Tensor
+    """(B, T) bool, True for the question's real tokens; all False without a question."""
+    answer: torch.Tensor
+    """(B,) int64 index of the answer in :data:`~megamm.data.demo.ANSWER_VOCAB`, or
+    :data:`NO_ANSWER` (-1: no question, or an answer outside the vocabulary)."""
+    answer_ids: torch.Tensor
+    """(B, T) int64 ids of the answer text (BOS, pieces, EOS, padding), for generated answers."""
+    answer_mask: torch.Tensor
+    """(B, T) bool, True for the answer's real tokens; all False without a question."""
     keys: list[str]
     """Sample keys, one per row."""
     skipped: int
@@ -96,6 +142,10 @@ class _Candidate:
     key: str
     image_bytes: bytes
     caption: str
+    audio_bytes: bytes | None = None
+    """The ``wav``, its header checked; None: no audio."""
+    questions: tuple[tuple[str, str], ...] = ()
+    """(question, answer) pairs of ``qa.json``."""
 
 
 class _SkipLog:
@@ -146,7 +196,57 @@ def _screen(sample: dict[str, Any]) -> _Candidate | str:
         return f"undecodable {extension} ({type(err).__name__})"
     if width < 1 or height < 1:
         return f"empty {extension} ({width}x{height})"
-    return _Candidate(str(sample.get("__key__", "")), image_bytes, caption)
+    audio_bytes = None
+    if "wav" in sample:
+        audio_bytes = bytes(sample["wav"])
+        try:
+            wav_info(audio_bytes)
+        except WavError as err:
+            return f"unusable wav ({err})"
+    questions: tuple[tuple[str, str], ...] = ()
+    if "qa.json" in sample:
+        try:
+            questions = parse_questions(bytes(sample["qa.json"]))
+        except ValueError as err:
+            return f"unusable qa.json ({err})"
+    return _Candidate(str(sample.get("__key__", "")), image_bytes, caption, audio_bytes, questions)
+
+
+def parse_questions(data: bytes) -> tuple[tuple[str, str], ...]:
+    """``qa.json`` bytes -> (question, answer) pairs; raises ValueError unless it is a JSON list of
+    objects with non-empty string ``question`` and ``answer`` (other fields are ignored)."""
+    try:
+        pairs = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"not UTF-8 JSON: {err}") from None
+    if not isinstance(pairs, list):
+        raise ValueError(f"expected a list of question-answer objects, got {type(pairs).__name__}")
+    parsed = []
+    for pair in pairs:
+        question = pair.get("question") if isinstance(pair, dict) else None
+        answer = pair.get("answer") if isinstance(pair, dict) else None
+        if not (isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip()):
+            raise ValueError(f"{pair!r} is not an object with non-empty 'question' and 'answer' strings")
+        parsed.append((" ".join(question.split()), " ".join(answer.split())))
+    return tuple(parsed)
+
+
+def question_choice(seed: int, epoch: int, key: str, count: int) -> int:
+    """Which of a sample's ``count`` questions it contributes in pass ``epoch``: a pure function
+    of the arguments, the same in every process."""
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
+
+
+def answer_index(answer: str) -> int:
+    """The class of ``answer`` in :data:`~megamm.data.demo.ANSWER_VOCAB` (case and spacing
+    ignored), or :data:`NO_ANSWER`."""
+    return ANSWER_INDEX.get(" ".join(answer.lower().split()), NO_ANSWER)
+
+
+def padded_audio_length(longest: int) -> int:
+    """The padded length S of a batch whose longest clip has ``longest`` samples."""
+    return max(1, -(-longest // AUDIO_PAD_MULTIPLE)) * AUDIO_PAD_MULTIPLE
 
 
 def _describe(sample: dict[str, Any]) -> str:
@@ -184,25 +284,78 @@ class _BatchBuilder:
         self.tokenizer = tokenizer
         self.image_size = cfg.image_size
         self.max_length = cfg.max_text_length
+        self.seed = cfg.seed
         self.log = log
+        self._reset()
+
+    def _reset(self) -> None:
         self._images: list[np.ndarray] = []
         self._captions: list[str] = []
         self._keys: list[str] = []
+        self._audio: list[np.ndarray | None] = []
+        self._questions: list[tuple[str, str] | None] = []
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, candidate: _Candidate) -> bool:
-        """Decode and append; False (and counted as skipped) if the image does not decode."""
+    def add(self, candidate: _Candidate, epoch: int = 0) -> bool:
+        """Decode and append, with the question of pass ``epoch``; False (and counted as skipped)
+        if the image or the audio does not decode."""
         try:
             pixels = decode_image(candidate.image_bytes, self.image_size)
         except Exception as err:  # PIL raises many types on corrupt pixel data
             self.log.add(f"{candidate.key!r}: image data does not decode ({type(err).__name__}: {err})")
             return False
+        audio = None
+        if candidate.audio_bytes is not None:
+            try:
+                audio = decode_wav(candidate.audio_bytes)[:MAX_AUDIO_SAMPLES]
+            except WavError as err:
+                self.log.add(f"{candidate.key!r}: wav does not decode ({err})")
+                return False
+        question = None
+        if candidate.questions:
+            index = question_choice(self.seed, epoch, candidate.key, len(candidate.questions))
+            question = candidate.questions[index]
         self._images.append(pixels)
         self._captions.append(candidate.caption)
         self._keys.append(candidate.key)
+        self._audio.append(audio)
+        self._questions.append(question)
         return True
+
+    def _encode_optional(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids and mask of ``texts``; a None row is all padding, masked out."""
+        absent = ([self.tokenizer.pad_id] * self.max_length, [False] * self.max_length)
+        encoded = [absent if text is None else self.tokenizer.encode(text, self.max_length) for text in texts]
+        ids = torch.tensor([ids for ids, _ in encoded], dtype=torch.int64)  # (B, T)
+        return ids, torch.tensor([mask for _, mask in encoded], dtype=torch.bool)  # (B, T)
+
+    def _audio_fields(self) -> dict[str, torch.Tensor]:
+        lengths = [0 if clip is None else len(clip) for clip in self._audio]
+        waveforms = np.zeros((len(lengths), padded_audio_length(max(lengths))), dtype=np.float32)  # (B, S)
+        for row, clip in enumerate(self._audio):
+            if clip is not None:
+                waveforms[row, : len(clip)] = pcm_to_float(clip)
+        return {
+            "audio": torch.from_numpy(waveforms),  # (B, S)
+            "audio_lengths": torch.tensor(lengths, dtype=torch.int64),  # (B,)
+            "has_audio": torch.tensor([clip is not None for clip in self._audio], dtype=torch.bool),  # (B,)
+        }
+
+    def _question_fields(self) -> dict[str, torch.Tensor]:
+        questions = [None if qa is None else qa[0] for qa in self._questions]
+        answer_texts = [None if qa is None else qa[1] for qa in self._questions]
+        question_ids, question_mask = self._encode_optional(questions)
+        answer_ids, answer_mask = self._encode_optional(answer_texts)
+        answers = [NO_ANSWER if qa is None else answer_index(qa[1]) for qa in self._questions]
+        return {
+            "question_ids": question_ids,  # (B, T)
+            "question_mask": question_mask,  # (B, T)
+            "answer": torch.tensor(answers, dtype=torch.int64),  # (B,)
+            "answer_ids": answer_ids,  # (B, T)
+            "answer_mask": answer_mask,  # (B, T)
+        }
 
     def emit(self, stream: int = -1, position: int = 0, epoch: int = 0) -> Batch:
         """The batch of everything added since the last emit, made by ``stream`` at ``position``
@@ -212,13 +365,15 @@ class _BatchBuilder:
             "image": images_to_tensor(np.stack(self._images)),  # (B, 3, H, W)
             "text_ids": torch.tensor([ids for ids, _ in encoded], dtype=torch.int64),  # (B, T)
             "text_mask": torch.tensor([mask for _, mask in encoded], dtype=torch.bool),  # (B, T)
+            **self._audio_fields(),  # type: ignore[typeddict-item]
+            **self._question_fields(),  # type: ignore[typeddict-item]
             "keys": self._keys,
             "skipped": self.log.take(),
             "stream": stream,
             "position": position,
             "epoch": epoch,
         }
-        self._images, self._captions, self._keys = [], [], []
+        self._reset()
         return batch
 
 
@@ -286,7 +441,7 @@ def _train_batches(
         consumed += 1
         if last_good_epoch is None:
             last_good_epoch = epoch
-        if builder.add(candidate):
+        if builder.add(candidate, epoch):
             last_good_epoch = epoch
         elif epoch - last_good_epoch > 1:
             raise RuntimeError(f"{builder.log.where}: no image decoded for a whole epoch; check the shards")
@@ -427,11 +582,9 @@ class _RowsOf:
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            yield {
+            yield {  # type: ignore[misc]
                 **batch,
-                "image": batch["image"][self.rows],
-                "text_ids": batch["text_ids"][self.rows],
-                "text_mask": batch["text_mask"][self.rows],
+                **{name: batch[name][self.rows] for name in ROW_FIELDS},  # type: ignore[literal-required]
                 "keys": batch["keys"][self.rows],
                 "skipped": batch["skipped"] if self.dp_rank == 0 else 0,
             }
@@ -447,8 +600,9 @@ def iter_eval_batches(
     """This data-parallel rank's share of the evaluation set, streamed: every usable sample of
     its shards (``shards[dp_rank::dp_size]`` of ``cfg.eval_shards``) once, in file order.
 
-    Only one batch is held at a time, so the set may be of any size. The last batch may be
-    smaller; a rank may get no shard at all when there are fewer shards than ranks.
+    Only one batch is held at a time, so the set may be of any size. Each sample's question is
+    that of pass 0 (see the module docstring). The last batch may be smaller; a rank may get no
+    shard at all when there are fewer shards than ranks.
 
     Raises:
         ConfigError: the shards are missing, or (read whole, ``dp_size == 1``) hold no usable
@@ -482,7 +636,7 @@ def iter_eval_batches(
 
 def placeholder_batch(cfg: DataConfig) -> Batch:
     """One blank sample of the right shapes, for a rank that must join a collective forward pass
-    without data of its own (a black image, a caption of BOS alone)."""
+    without data of its own (a black image, a caption of BOS alone, no audio, no question)."""
     ids = torch.zeros(1, cfg.max_text_length, dtype=torch.int64)  # (1, T)
     mask = torch.zeros(1, cfg.max_text_length, dtype=torch.bool)  # (1, T)
     ids[0, 0], mask[0, 0] = BOS_ID, True
@@ -490,6 +644,14 @@ def placeholder_batch(cfg: DataConfig) -> Batch:
         "image": torch.zeros(1, 3, cfg.image_size, cfg.image_size),  # (1, 3, H, W)
         "text_ids": ids,
         "text_mask": mask,
+        "audio": torch.zeros(1, padded_audio_length(0)),  # (1, S)
+        "audio_lengths": torch.zeros(1, dtype=torch.int64),  # (1,)
+        "has_audio": torch.zeros(1, dtype=torch.bool),  # (1,)
+        "question_ids": torch.full((1, cfg.max_text_length), PAD_ID, dtype=torch.int64),  # (1, T)
+        "question_mask": torch.zeros(1, cfg.max_text_length, dtype=torch.bool),  # (1, T)
+        "answer": torch.full((1,), NO_ANSWER, dtype=torch.int64),  # (1,)
+        "answer_ids": torch.full((1, cfg.max_text_length), PAD_ID, dtype=torch.int64),  # (1, T)
+        "answer_mask": torch.zeros(1, cfg.max_text_length, dtype=torch.bool),  # (1, T)
         "keys": ["placeholder"],
         "skipped": 0,
         "stream": -1,

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pytest -ra tests "$@"
+python -m pytest -ra --durations=25 tests "$@"

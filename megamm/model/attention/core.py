@@ -159,31 +159,35 @@ def default_scale(head_dim: int, scale: Optional[float]) -> float:
     return scale if scale is not None else 1.0 / math.sqrt(head_dim)
 
 
-def masked_softmax(scores: torch.Tensor, valid: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def masked_softmax(
+    scores: torch.Tensor, valid: torch.Tensor, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the last dimension of ``scores`` where ``valid`` (broadcast to it) is True.
 
-    A row with no valid entry gets all-zero probabilities (and a zero gradient), not NaNs.
+    Returns the probabilities and ``has_key`` (``valid.any(-1, keepdim=True)``): a row with no
+    valid entry gets finite probabilities that mean nothing, so the caller zeroes its output rows
+    with ``has_key`` (cheaper than zeroing the probabilities: no second score-sized tensor). Masked
+    scores are filled with the dtype's lowest value, not -inf, so no row produces NaNs.
     Half-precision scores are normalised in float32. Dropout (``dropout_p``) drops probabilities
     from the current random stream.
     """
-    scores = scores.masked_fill(~valid, float("-inf"))
-    has_key = valid.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~has_key, 0.0)  # no NaN in a row without keys; zeroed below
+    scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     low_precision = scores.dtype in (torch.float16, torch.bfloat16)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if low_precision else None).to(scores.dtype)
-    probs = probs.masked_fill(~has_key, 0.0)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p, training=True)
-    return probs
+    return probs, valid.any(dim=-1, keepdim=True)
 
 
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """Explicit softmax attention: q (B, h, Tq, d), k, v (B, h, Tk, d), ``valid`` broadcastable
-    to (B, h, Tq, Tk) -> (B, h, Tq, d). Materialises the scores: for short query ranges only."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, Tq, Tk)
-    return torch.matmul(masked_softmax(scores, valid, dropout_p), v)  # (B, h, Tq, d)
+    to (B, h, Tq, Tk) -> (B, h, Tq, d); a query with no valid key gets zeros. Materialises the
+    scores: for short query ranges only."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, h, Tq, Tk)
+    probs, has_key = masked_softmax(scores, valid, dropout_p)
+    return torch.matmul(probs, v).masked_fill(~has_key, 0.0)  # (B, h, Tq, d)
 
 
 @register_kernel("full")

@@ -151,7 +151,7 @@ def test_linear_attention_matches_its_explicit_formula(feature_map: str) -> None
         q, k, v = _qkv(length=11, seed=2, scale=scale)
         mask = _lengths_mask([11, 5], 11)
         options = {"num_features": 12} if feature_map == "random" else {}
-        kernel = attention_kernel("linear", head_dim=8, feature_map=feature_map, chunk_size=4, **options).double()
+        kernel = attention_kernel("linear", head_dim=8, feature_map=feature_map, chunk_size=4, **options)
         for causal in (False, True):
             for m in (None, mask):
                 expected = _linear_reference(kernel, q, k, v, m, causal)
@@ -162,17 +162,21 @@ def test_linear_attention_matches_its_explicit_formula(feature_map: str) -> None
 def test_random_features_approximate_softmax_attention() -> None:
     """Many random features estimate softmax attention (Performer's point)."""
     q, k, v = (t.detach() * 0.5 for t in _qkv(batch=1, heads=1, length=6, dim=8, seed=3))
-    kernel = LinearAttention("random", head_dim=8, num_features=8192, seed=1).double()
+    kernel = LinearAttention("random", head_dim=8, num_features=8192, seed=1)
     expected = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v
     assert (kernel(q, k, v) - expected).abs().max() < 0.05
 
 
-def test_linear_random_projection_is_a_seeded_unsaved_buffer() -> None:
+def test_linear_random_projection_is_seeded_and_unsaved() -> None:
+    """The same seed draws the same projection (every rank, every build), even under a default
+    dtype or device that differs; it is not in the state dict."""
     a = LinearAttention("random", head_dim=8, num_features=20, seed=5)
-    b = LinearAttention("random", head_dim=8, num_features=20, seed=5)
-    assert torch.equal(a.projection, b.projection) and a.projection.shape == (20, 8)
-    assert not torch.equal(a.projection, LinearAttention("random", head_dim=8, num_features=20, seed=6).projection)
-    assert "projection" not in a.state_dict()
+    with torch.device("meta"):
+        b = LinearAttention("random", head_dim=8, num_features=20, seed=5)
+    assert torch.equal(a.projection(), b.projection()) and a.projection().shape == (20, 8)
+    assert not torch.equal(a.projection(), LinearAttention("random", head_dim=8, num_features=20, seed=6).projection())
+    assert a.projection(dtype=torch.float64).dtype == torch.float64
+    assert not a.state_dict() and not dict(a.named_buffers())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ def _kernels() -> list:
         LocalAttention(window=2, global_tokens=2, chunk_size=4),
         BlockSparseAttention(block_size=3, num_neighbors=1, num_global_blocks=1),
         LinearAttention("elu", chunk_size=4),
-        LinearAttention("random", head_dim=8, num_features=16, chunk_size=4).double(),
+        LinearAttention("random", head_dim=8, num_features=16, chunk_size=4),
     ]
 
 
@@ -222,6 +226,18 @@ def test_padding_never_changes_real_outputs() -> None:
                 assert torch.isfinite(out).all(), repr(kernel)
                 expected = kernel(q, k, v, small, causal=causal)
                 _assert_same_with_grads(out[:, :, :real], expected, (q, k, v), f"{kernel!r} causal={causal}")
+
+
+def test_kernels_run_in_bfloat16() -> None:
+    """Half-precision inputs (normalised in float32 inside): close to the float32 result, finite."""
+    q, k, v = (t.detach().float() for t in _qkv(length=10, seed=6))
+    mask = _lengths_mask([10, 4], 10)
+    for kernel in _kernels():
+        for causal in (False, True):
+            expected = kernel(q, k, v, mask, causal=causal)
+            out = kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, causal=causal)
+            assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), repr(kernel)
+            torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2, msg=repr(kernel))
 
 
 def test_sparse_dropout_drops_probabilities() -> None:
@@ -292,7 +308,7 @@ def test_cross_attention_matches_naive_reference_and_respects_padding() -> None:
 def test_rotary_scores_depend_only_on_relative_position() -> None:
     """After rotation, q_s . k_t = f(s - t): shifting both positions leaves the score unchanged; norms
     are kept; partial rotary passes the other channels through."""
-    rotary = RotaryEmbedding(8, base=100.0).double()
+    rotary = RotaryEmbedding(8, base=100.0)
     generator = torch.Generator().manual_seed(0)
     qv, kv = torch.randn(2, 8, generator=generator, dtype=torch.float64)
     length = 10
@@ -306,7 +322,7 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1), **F64)
     shifted_q, _ = rotary(q, k, positions=torch.arange(length) + 5)
     torch.testing.assert_close(shifted_q[..., :-5, :], rq[..., 5:, :], **F64)
-    partial_q, _ = RotaryEmbedding(8, rotary_dim=4).double()(q, k)
+    partial_q, _ = RotaryEmbedding(8, rotary_dim=4)(q, k)
     assert torch.equal(partial_q[..., 4:], q[..., 4:]) and not torch.equal(partial_q[..., :4], q[..., :4])
 
 

@@ -14,9 +14,13 @@ Feature maps (``feature_map``):
 - ``"random"``: positive random features (Performer's FAVOR+, Choromanski et al., 2021),
   ``phi(x) = exp(w_r . x' - |x'|^2 / 2) / sqrt(m)`` for r = 1..m, x' = x d^(-1/4), whose dot
   products estimate ``exp(q . k / sqrt(d))`` (softmax attention) without bias. The projection
-  ``w`` (m x d, orthogonal blocks by default) is drawn once from ``seed`` and kept as a buffer; it
-  is not saved in checkpoints (the same seed redraws it), and it is the same on every
-  tensor-parallel rank, so every head uses it.
+  ``w`` (m x d, orthogonal blocks by default) is fixed: drawn in float64 on the CPU from ``seed``
+  at its first use on a device and kept there (:meth:`LinearAttention.projection`). It is the
+  same on every tensor-parallel rank (every head uses it) and is not saved in checkpoints (the
+  seed redraws it). It is deliberately not a registered buffer: DeepSpeed's ``zero.Init`` casts
+  every ``torch.randn`` made while building to the training dtype (bf16 would round it), and a
+  build on the meta device followed by ``to_empty`` would leave a non-persistent buffer
+  uninitialised.
 
 Random features are computed in a numerically safe form: a query's features are divided by their
 largest one, and keys' by the largest key feature (non-causal: over all real keys; causal: for
@@ -44,21 +48,23 @@ FEATURE_MAPS = ("elu", "random")
 
 
 def random_projection(num_features: int, head_dim: int, seed: int, orthogonal: bool = True) -> torch.Tensor:
-    """(num_features, head_dim) Gaussian projection drawn on the CPU from ``seed``.
+    """(num_features, head_dim) float64 Gaussian projection drawn on the CPU from ``seed``.
 
     ``orthogonal``: rows in blocks of ``head_dim`` mutually orthogonal, each row rescaled to the
     norm of a Gaussian vector (Performer's orthogonal random features: same expectation, lower
     variance)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def gaussian(rows: int) -> torch.Tensor:
+        return torch.randn(rows, head_dim, generator=generator, dtype=torch.float64, device="cpu")
+
     if not orthogonal:
-        return torch.randn(num_features, head_dim, generator=generator, dtype=torch.float64).float()
+        return gaussian(num_features)
     blocks = []
     for start in range(0, num_features, head_dim):
-        gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(gaussian)
+        q, _ = torch.linalg.qr(gaussian(head_dim))
         blocks.append(q.T[: num_features - start])
-    norms = torch.randn(num_features, head_dim, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
-    return (torch.cat(blocks) * norms).float()
+    return torch.cat(blocks) * gaussian(num_features).norm(dim=1, keepdim=True)  # (m, d) float64
 
 
 @register_kernel("linear")
@@ -89,6 +95,8 @@ class LinearAttention(AttentionKernel):
         self.chunk_size = chunk_size
         self.head_dim = head_dim
         self.seed = seed
+        self.orthogonal = orthogonal
+        self._projections: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         if feature_map == "random":
             if head_dim is None:
                 raise ValueError(
@@ -96,25 +104,32 @@ class LinearAttention(AttentionKernel):
                     "their own; attention_kernel('linear', head_dim=..., feature_map='random'))"
                 )
             self.num_features = num_features or head_dim
-            projection = random_projection(self.num_features, head_dim, seed, orthogonal)
-            self.register_buffer("projection", projection, persistent=False)  # (m, d), redrawn from seed
         else:
             if num_features is not None and head_dim is not None and num_features != head_dim:
                 raise ValueError("linear attention: feature_map='elu' has num_features = head_dim; drop num_features")
             self.num_features = head_dim
-            self.projection = None
+
+    def projection(self, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The random features' (num_features, head_dim) projection on ``device`` (default: the CPU)
+        in ``dtype``, drawn from ``seed`` at first use (see the module docstring)."""
+        if self.feature_map != "random":
+            raise ValueError("linear attention: only feature_map='random' has a projection")
+        key = (torch.device(device if device is not None else "cpu"), dtype)
+        if key not in self._projections:
+            drawn = random_projection(self.num_features, self.head_dim, self.seed, self.orthogonal)
+            self._projections[key] = drawn.to(device=key[0], dtype=dtype)
+        return self._projections[key]
 
     # ------------------------------------------------------------------------------------------
     # Feature maps
 
     def _random_logits(self, x: torch.Tensor) -> torch.Tensor:
         """w . x' for x' = x d^(-1/4): (B, h, T, d) -> (B, h, T, m)."""
-        if x.shape[-1] != self.projection.shape[1]:
+        if x.shape[-1] != self.head_dim:
             raise ValueError(
-                f"linear attention: random features were drawn for head_dim={self.projection.shape[1]}, "
-                f"got {x.shape[-1]}"
+                f"linear attention: random features were drawn for head_dim={self.head_dim}, got {x.shape[-1]}"
             )
-        return torch.matmul(x * x.shape[-1] ** -0.25, self.projection.to(x.dtype).T)
+        return torch.matmul(x * x.shape[-1] ** -0.25, self.projection(x.device, x.dtype).T)
 
     def query_features(self, q: torch.Tensor) -> torch.Tensor:
         """phi(q) (B, h, T, m), up to a positive factor per query (which cancels)."""

@@ -3,8 +3,10 @@
 Each pair of channels ``(x_c, x_{c + d/2})`` of a query or key at position ``t`` is rotated by the
 angle ``t * base^(-2c / d)`` (GPT-NeoX's half-split layout), so that the score ``q_s . k_t`` after
 rotation depends on the positions only through ``s - t``. It acts on every head alike, so it is
-the same at every tensor-parallel size, and it has no weights (its frequencies are a buffer,
-recomputed at construction and not saved in checkpoints).
+the same at every tensor-parallel size. It holds no tensors at all: the angles are computed in
+float64 at each call (T x d / 2 numbers) on the input's device, so nothing is in checkpoints, and
+nothing is rounded by a build under DeepSpeed's ``zero.Init`` (which casts floating tensors made
+while building to the training dtype) or left uninitialised by a build on the meta device.
 
 Only for self-attention: queries and keys must share one position axis.
 """
@@ -43,12 +45,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.base = base
-        inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)  # (r / 2,)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (T, r) of positions (T,), computed in float32."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # (T, r / 2)
+        """cos and sin (T, r) of positions (T,), computed in float64."""
+        channel = torch.arange(0, self.rotary_dim, 2, device=positions.device).to(torch.float64)  # (r / 2,)
+        inv_freq = self.base ** (-channel / self.rotary_dim)
+        freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, r / 2)
         freqs = torch.cat([freqs, freqs], dim=-1)  # (T, r)
         return freqs.cos(), freqs.sin()
 

@@ -29,7 +29,7 @@ Configurations whose estimated memory exceeds ``--max-gb`` are not run and are l
 ``full`` at the same T.
 
 Writes ``results.json``, ``results.md`` and ``attention.png`` (log-log time and memory against T)
-under ``--out``.
+under ``--out`` (``--report-only`` rewrites the last two from the first).
 
     python tools/bench_attention.py --out docs/benchmarks/attention
     python tools/bench_attention.py --device cuda --lengths 1024 4096 16384 65536 --out runs/bench_attention
@@ -355,6 +355,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
 
     config = results["config"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = dict(zip(KERNELS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one colour per kernel, every run
     for kernel in config["kernels"]:
         points = [r for r in results["runs"] if r["kernel"] == kernel and r["status"] == "ok"]
         if not points:
@@ -363,13 +364,13 @@ def plot(results: dict[str, Any], out: Path) -> None:
         medians = [r["median_ms"] for r in points]
         low = [m - r["min_ms"] for m, r in zip(medians, points)]
         high = [r["max_ms"] - m for m, r in zip(medians, points)]
-        axes[0].errorbar(lengths, medians, yerr=[low, high], marker="o", capsize=3, label=LABELS.get(kernel, kernel))
-        axes[1].plot(lengths, [max(r["peak_mb"], 1e-2) for r in points], marker="o", label=LABELS.get(kernel, kernel))
+        style = dict(marker="o", label=LABELS.get(kernel, kernel), color=colors.get(kernel))
+        axes[0].errorbar(lengths, medians, yerr=[low, high], capsize=3, **style)
+        axes[1].plot(lengths, [max(r["peak_mb"], 1e-2) for r in points], **style)
         skipped = [r for r in results["runs"] if r["kernel"] == kernel and r["status"] == "skipped"]
         if skipped:
-            color = axes[1].lines[-1].get_color()
             axes[1].plot([r["length"] for r in skipped], [r["estimated_mb"] for r in skipped], marker="x",
-                         linestyle="none", color=color)  # fmt: skip
+                         linestyle="none", color=colors.get(kernel))  # fmt: skip
     step = "forward" if config["forward_only"] else "forward + backward"
     axes[0].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms per step (median, min-max)",
                 title=f"time, {step}")  # fmt: skip
@@ -414,10 +415,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-gb", type=float, default=4.0, help="skip configurations estimated above this")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    parser.add_argument("--report-only", action="store_true", help="rewrite results.md and the plot from results.json")
     args = parser.parse_args(argv)
 
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        report(results, args.out)
+        plot(results, args.out)
+        print(f"rewrote {args.out}/results.md and attention.png from results.json")
         return 0
     if args.repeats < 5:
         parser.error("--repeats must be at least 5 (median and spread)")

@@ -135,7 +135,7 @@ def test_sparse_kernel_memory_is_banded() -> None:
 
 def _linear_reference(kernel: LinearAttention, q, k, v, mask, causal: bool) -> torch.Tensor:
     """sum_j (phi(q_i) . phi(k_j)) v_j / sum_j phi(q_i) . phi(k_j), as a T x T matrix."""
-    weights = kernel.features(q, query=True) @ kernel.features(k, query=False).transpose(-1, -2)  # (B, h, T, T)
+    weights = kernel.features(q) @ kernel.features(k).transpose(-1, -2)  # (B, h, T, T)
     if mask is not None:
         weights = weights * mask[:, None, None, :]
     if causal:

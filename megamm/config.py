@@ -128,6 +128,13 @@ class ModelConfig:
         blocks and head, the text blocks and head, the temperature."""
         return 2 + self.image.num_layers + 1 + self.text.num_layers + 1 + 1
 
+    @property
+    def data_extras(self) -> tuple[str, ...]:
+        """What the model reads from a sample beside its image and caption (``megamm.data.EXTRAS``:
+        ``"audio"``, ``"qa"``); the loaders neither screen nor decode the rest. The dual encoder
+        reads images and captions only."""
+        return ()
+
     def validate(self, prefix: str = "model") -> None:
         self.text.validate(f"{prefix}.text")
         self.image.validate(f"{prefix}.image")

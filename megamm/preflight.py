@@ -347,7 +347,8 @@ def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[
     check_shards_readable(train, "data.train_shards", read_header=False)
     eval_shards = expand_shards(data.eval_shards, "data.eval_shards")
     check_shards_readable(eval_shards, "data.eval_shards", read_header=True)
-    next(iter(iter_eval_batches(data, tokenizer, batch_size=1)))  # raises if no sample is usable
+    extras = config.model.data_extras
+    next(iter(iter_eval_batches(data, tokenizer, batch_size=1, extras=extras)))  # raises if no sample is usable
 
     for name, shards, share in (
         ("data.train_shards", train, f"; {len(train) // dp_size} per data-parallel rank"),

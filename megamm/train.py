@@ -556,8 +556,9 @@ def _train(
         with atomic_output(Path(config.logging.tensorboard_dir) / "config.yaml") as handle:
             handle.write(resolved.encode("utf-8"))
     start = DataPosition(state.batches_consumed, dict(state.data_position))
+    extras = config.model.data_extras
     loader = build_train_loader(
-        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start
+        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start, extras
     )
     marker = {
         **parallel_layout(info.world_size, parallel.tp_size, parallel.dp_size, parallel.pp_size),
@@ -568,7 +569,7 @@ def _train(
 
     def eval_batches() -> Iterable[Batch]:
         return iter_eval_batches(
-            config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size
+            config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size, extras
         )
 
     batches = iter(loader)  # forks the loader workers, before the watchdog's threads exist

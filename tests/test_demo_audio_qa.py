@@ -375,6 +375,13 @@ def test_corrupt_wav_or_questions_are_bad_samples(demo: Path, tokenizer: Tokeniz
     assert [b["position"] for b in training] == [5, 10]
     resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 4, DataPosition(1, {0: 5})), 1)
     assert resumed[0]["keys"] == training[1]["keys"] and resumed[0]["skipped"] == 3
+    # A model that reads neither audio nor questions (extras=()) keeps every sample and reads neither.
+    plain = list(iter_eval_batches(cfg, tokenizer, 8, extras=()))
+    assert plain[0]["keys"] == ["bad-header", "bad-truncated", "bad-qa"] + [f"good-{i}" for i in range(4)]
+    assert plain[0]["skipped"] == 0 and not plain[0]["has_audio"].any() and (plain[0]["answer"] == -1).all()
+    assert take(build_train_loader(cfg, tokenizer, 0, 1, 7, extras=()), 1)[0]["skipped"] == 0
+    with pytest.raises(ValueError, match="extras"):
+        next(iter_eval_batches(cfg, tokenizer, 8, extras=("video",)))
 
 
 def test_global_batches_slice_every_field(demo: Path, tokenizer: Tokenizer) -> None:

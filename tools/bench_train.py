@@ -248,7 +248,8 @@ def _loader_batches(config: TrainConfig) -> tuple[Iterator[tuple[torch.Tensor, .
     tokenizer = Tokenizer(config.data.tokenizer)
 
     def batches() -> Iterator[tuple[torch.Tensor, ...]]:
-        for batch in build_train_loader(config.data, tokenizer, 0, 1, config.micro_batch_size):
+        extras = config.model.data_extras  # what megamm's training reads
+        for batch in build_train_loader(config.data, tokenizer, 0, 1, config.micro_batch_size, extras=extras):
             yield batch["image"], batch["text_ids"], batch["text_mask"]
 
     probe, count = batches(), 100

@@ -159,7 +159,7 @@ def load_split(shards: str, tokenizer_path: str, image_size: int, max_length: in
     from megamm.data import Tokenizer, iter_eval_batches
 
     config = DataConfig(eval_shards=shards, tokenizer=tokenizer_path, image_size=image_size, max_text_length=max_length)
-    batches = list(iter_eval_batches(config, Tokenizer(tokenizer_path), batch_size=1024))
+    batches = list(iter_eval_batches(config, Tokenizer(tokenizer_path), batch_size=1024, extras=()))  # images, captions
     return InMemoryData(
         torch.cat([b["image"] for b in batches]),  # (N, 3, S, S)
         torch.cat([b["text_ids"] for b in batches]),  # (N, T)

@@ -17,6 +17,7 @@ from megamm.data.demo import (
 )
 from megamm.data.pipeline import (
     AUDIO_PAD_MULTIPLE,
+    EXTRAS,
     IMAGE_EXTENSIONS,
     MAX_AUDIO_SAMPLES,
     NO_ANSWER,
@@ -45,6 +46,7 @@ from megamm.fileio import atomic_output
 __all__ = [
     "ANSWER_VOCAB",
     "AUDIO_PAD_MULTIPLE",
+    "EXTRAS",
     "BOS_ID",
     "COLOURS",
     "EOS_ID",

@@ -19,7 +19,10 @@ A sample may also have a ``wav`` (16 kHz 16-bit PCM, :mod:`megamm.data.audio`) a
 (a JSON list of ``{"question", "answer"}`` objects, as the demo dataset writes); either may be
 missing, and the batch says which rows have them. A ``wav`` or ``qa.json`` that cannot be read
 makes the sample a bad one (the header and the JSON are checked when screening, the samples when
-decoding). Audio longer than :data:`MAX_AUDIO_SAMPLES` is cut to it. Each sample contributes one
+decoding). Audio longer than :data:`MAX_AUDIO_SAMPLES` is cut to it. A loader reads only the
+extras it is asked for (``extras``, a subset of :data:`EXTRAS`): a model without an audio encoder
+neither decodes nor screens ``wav``, its batches' audio fields hold no rows' audio, and likewise for
+``qa.json``. Each sample contributes one
 question per pass: pair ``blake2b(seed, epoch, key) mod n`` of its ``n``, so a sample's question
 depends only on the data seed, the pass and the sample (not on the streams, the decoding or the
 resume point).
@@ -67,6 +70,8 @@ MAX_AUDIO_SAMPLES = int(MAX_AUDIO_SECONDS * SAMPLE_RATE)
 AUDIO_PAD_MULTIPLE = 1600
 """A batch's audio is padded to its longest clip rounded up to a multiple of this (0.1 s), at least
 one multiple: few distinct shapes, never an empty one. :data:`MAX_AUDIO_SAMPLES` is a multiple."""
+EXTRAS = ("audio", "qa")
+"""What a sample may carry beside its image and caption: ``wav`` and ``qa.json``."""
 ANSWER_INDEX: dict[str, int] = {answer: index for index, answer in enumerate(ANSWER_VOCAB)}
 NO_ANSWER = -1
 """``answer`` of a row without a question, or whose answer is not in the vocabulary: ignore it."""
@@ -174,8 +179,16 @@ class _SkipLog:
         return count
 
 
-def _screen(sample: dict[str, Any]) -> _Candidate | str:
-    """The sample as a candidate, or the reason it is unusable. Reads only the image header."""
+def _check_extras(extras: Iterable[str]) -> frozenset[str]:
+    chosen = frozenset(extras)
+    if not chosen <= set(EXTRAS):
+        raise ValueError(f"extras {sorted(chosen - set(EXTRAS))} are not among {EXTRAS}")
+    return chosen
+
+
+def _screen(sample: dict[str, Any], extras: frozenset[str] = frozenset(EXTRAS)) -> _Candidate | str:
+    """The sample as a candidate, or the reason it is unusable. Reads only the image header, and
+    of the ``extras``, the wav header and the questions."""
     caption_bytes = sample.get("txt")
     if caption_bytes is None:
         return "no 'txt' caption"
@@ -197,14 +210,14 @@ def _screen(sample: dict[str, Any]) -> _Candidate | str:
     if width < 1 or height < 1:
         return f"empty {extension} ({width}x{height})"
     audio_bytes = None
-    if "wav" in sample:
+    if "wav" in sample and "audio" in extras:
         audio_bytes = bytes(sample["wav"])
         try:
             wav_info(audio_bytes)
         except WavError as err:
             return f"unusable wav ({err})"
     questions: tuple[tuple[str, str], ...] = ()
-    if "qa.json" in sample:
+    if "qa.json" in sample and "qa" in extras:
         try:
             questions = parse_questions(bytes(sample["qa.json"]))
         except ValueError as err:
@@ -405,7 +418,7 @@ def _shuffle(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iter
 
 
 def _candidates(
-    shards: list[str], seed: int, stream: int, shuffle_buffer: int, log: _SkipLog
+    shards: list[str], seed: int, stream: int, shuffle_buffer: int, log: _SkipLog, extras: frozenset[str]
 ) -> Iterator[tuple[int, _Candidate]]:
     """(epoch, candidate) forever: per epoch, shuffled shard order, buffer-shuffled samples."""
     for epoch in itertools.count():
@@ -414,7 +427,7 @@ def _candidates(
         rng.shuffle(order)
         usable = 0
         for sample in _shuffle(iter_tar_samples(order, log.handler), shuffle_buffer, rng):
-            candidate = _screen(sample)
+            candidate = _screen(sample, extras)
             if isinstance(candidate, str):
                 log.add(f"{_describe(sample)}: {candidate}")
                 continue
@@ -461,9 +474,11 @@ class _TrainStreams(IterableDataset):
         dp_size: int,
         micro_batch_size: int,
         start: DataPosition,
+        extras: frozenset[str],
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.extras = extras
         self.shards = shards
         self.tokenizer = tokenizer
         self.dp_rank = dp_rank
@@ -491,7 +506,7 @@ class _TrainStreams(IterableDataset):
         stream = self.dp_rank * workers + logical
         log = _SkipLog(f"data stream {stream} (dp rank {self.dp_rank}, worker {logical})")
         shards = self.shards[stream :: self.dp_size * workers]
-        candidates = _candidates(shards, self.cfg.seed, stream, self.cfg.shuffle_buffer, log)
+        candidates = _candidates(shards, self.cfg.seed, stream, self.cfg.shuffle_buffer, log, self.extras)
         builder = _BatchBuilder(self.tokenizer, self.cfg, log)
         skip = self.start.streams.get(stream, 0)
         return _train_batches(candidates, builder, self.micro_batch_size, stream, skip)
@@ -537,6 +552,7 @@ def build_train_loader(
     dp_size: int,
     micro_batch_size: int,
     start: DataPosition | None = None,
+    extras: Iterable[str] = EXTRAS,
 ) -> Iterable[Batch]:
     """An endless, deterministic stream of training micro-batches for one data-parallel rank.
 
@@ -548,6 +564,9 @@ def build_train_loader(
         micro_batch_size: samples per batch.
         start: where this rank's data stands (a resumed run's saved position; None: the start).
             It may come from a run with another ``micro_batch_size``: positions count samples.
+        extras: which of :data:`EXTRAS` to read (others are neither screened nor decoded). The
+            position depends on it (a bad ``wav`` is a bad sample only when audio is read): a
+            resumed run must ask for the same.
 
     Returns:
         A DataLoader; each ``iter()`` starts again at ``start``. Same arguments, same batches.
@@ -558,12 +577,13 @@ def build_train_loader(
     cfg.validate("data")
     start = start or DataPosition()
     _check_loader_args(dp_rank, dp_size, micro_batch_size, start)
+    chosen = _check_extras(extras)
     shards = expand_shards(cfg.train_shards, "data.train_shards")
     check_shard_count(shards, cfg, dp_size)
     if cfg.global_batches:
-        dataset = _TrainStreams(cfg, shards, tokenizer, 0, 1, micro_batch_size * dp_size, start)
+        dataset = _TrainStreams(cfg, shards, tokenizer, 0, 1, micro_batch_size * dp_size, start, chosen)
     else:
-        dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start)
+        dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start, chosen)
     init = _ignore_scheduler_signals if cfg.num_workers > 0 else None
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=init)
     return _RowsOf(loader, dp_rank, micro_batch_size) if cfg.global_batches else loader
@@ -595,14 +615,20 @@ class _RowsOf:
 
 
 def iter_eval_batches(
-    cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, dp_rank: int = 0, dp_size: int = 1
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    extras: Iterable[str] = EXTRAS,
 ) -> Iterator[Batch]:
     """This data-parallel rank's share of the evaluation set, streamed: every usable sample of
     its shards (``shards[dp_rank::dp_size]`` of ``cfg.eval_shards``) once, in file order.
 
     Only one batch is held at a time, so the set may be of any size. Each sample's question is
     that of pass 0 (see the module docstring). The last batch may be smaller; a rank may get no
-    shard at all when there are fewer shards than ranks.
+    shard at all when there are fewer shards than ranks. ``extras``: as for
+    :func:`build_train_loader`.
 
     Raises:
         ConfigError: the shards are missing, or (read whole, ``dp_size == 1``) hold no usable
@@ -616,9 +642,10 @@ def iter_eval_batches(
     shards = expand_shards(cfg.eval_shards, "data.eval_shards")[dp_rank::dp_size]
     log = _SkipLog("eval data" if dp_size == 1 else f"eval data (dp rank {dp_rank})")
     builder = _BatchBuilder(tokenizer, cfg, log)
+    chosen = _check_extras(extras)
     delivered = 0
     for sample in iter_tar_samples(shards, log.handler):
-        candidate = _screen(sample)
+        candidate = _screen(sample, chosen)
         if isinstance(candidate, str):
             log.add(f"{_describe(sample)}: {candidate}")
         elif builder.add(candidate) and len(builder) == batch_size:

@@ -35,6 +35,78 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ATTENTION_KINDS = ("full", "local", "block_sparse", "linear")
+"""Values of ``model.<tower>.attention.kind`` (megamm/model/attention)."""
+FEATURE_MAPS = ("elu", "random")
+
+
+@dataclass
+class AttentionConfig:
+    """The self-attention kernel of a tower's blocks: one for every layer, or one per layer."""
+
+    kind: str = "full"
+    """``full`` (scaled dot product, O(T^2) time), ``local`` (a sliding window plus global tokens),
+    ``block_sparse`` (own, neighbouring and global blocks) or ``linear`` (kernelised, O(T))."""
+    layers: str = ""
+    """One kind per layer, comma-separated (``local,local,full``); empty: ``kind`` for every layer."""
+    window: int = 64
+    """local: the positions each query sees on each side (only before it when causal)."""
+    global_tokens: int = 0
+    """local: the first positions, which see and are seen by every position (a class token: 1)."""
+    block_size: int = 32
+    """block_sparse: positions per block."""
+    num_neighbors: int = 1
+    """block_sparse: the blocks on each side a block attends to."""
+    num_global_blocks: int = 0
+    """block_sparse: the first blocks, which see and are seen by every block."""
+    feature_map: str = "elu"
+    """linear: ``elu`` (elu(x) + 1) or ``random`` (positive random features, seeded)."""
+    num_features: int = 0
+    """linear with random features: how many (0: the head dimension)."""
+
+    def kinds(self, num_layers: int) -> list[str]:
+        """The kernel of each of ``num_layers`` layers."""
+        if not self.layers:
+            return [self.kind] * num_layers
+        return [kind.strip() for kind in self.layers.split(",")]
+
+    def options(self, kind: str) -> dict[str, Any]:
+        """The keyword arguments of kernel ``kind`` (``megamm.model.attention.attention_kernel``)."""
+        if kind == "local":
+            return {"window": self.window, "global_tokens": self.global_tokens}
+        if kind == "block_sparse":
+            return {
+                "block_size": self.block_size,
+                "num_neighbors": self.num_neighbors,
+                "num_global_blocks": self.num_global_blocks,
+            }
+        if kind == "linear":
+            return {"feature_map": self.feature_map, **({"num_features": self.num_features} if self.num_features else {})}
+        return {}
+
+    def validate(self, prefix: str, num_layers: int) -> None:
+        kinds = self.kinds(num_layers)
+        _require(
+            len(kinds) == num_layers,
+            f"{prefix}.layers={self.layers!r} names {len(kinds)} kernels for {num_layers} layers; give one per "
+            "layer, or leave it empty to use attention.kind for all",
+        )
+        for kind in kinds:
+            _require(kind in ATTENTION_KINDS, f"{prefix}: attention kind {kind!r} is not one of {', '.join(ATTENTION_KINDS)}")
+        _require(self.window >= 0, f"{prefix}.window must be >= 0, got {self.window}")
+        _require(self.global_tokens >= 0, f"{prefix}.global_tokens must be >= 0, got {self.global_tokens}")
+        _require(self.block_size >= 1, f"{prefix}.block_size must be >= 1, got {self.block_size}")
+        _require(
+            self.num_neighbors >= 0 and self.num_global_blocks >= 0,
+            f"{prefix}.num_neighbors and {prefix}.num_global_blocks must be >= 0",
+        )
+        _require(
+            self.feature_map in FEATURE_MAPS,
+            f"{prefix}.feature_map={self.feature_map!r} is not one of {', '.join(FEATURE_MAPS)}",
+        )
+        _require(self.num_features >= 0, f"{prefix}.num_features must be >= 0 (0: the head dimension)")
+
+
 @dataclass
 class TransformerConfig:
     """Shape of one transformer encoder tower."""
@@ -45,6 +117,8 @@ class TransformerConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     """MLP hidden width = mlp_ratio * hidden_size."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Which attention kernel the tower's blocks run."""
 
     def validate(self, prefix: str) -> None:
         _require(self.hidden_size > 0, f"{prefix}.hidden_size must be positive, got {self.hidden_size}")
@@ -56,6 +130,7 @@ class TransformerConfig:
             f"{prefix}.num_heads={self.num_heads}; choose a hidden size that is a multiple of the head count",
         )
         _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        self.attention.validate(f"{prefix}.attention", self.num_layers)
 
     @property
     def ffn_size(self) -> int:
@@ -70,9 +145,19 @@ class TextConfig(TransformerConfig):
     """Must be >= the tokenizer's vocabulary size."""
     max_length: int = 32
     """Captions are truncated or padded to this many tokens (BOS and EOS included)."""
+    causal: bool = False
+    """Each token attends to itself and the tokens before it only (a decoder's attention); the
+    pooled caption is still the mean over its tokens."""
+    positions: str = "learned"
+    """``learned`` (a position embedding added to the tokens) or ``rotary`` (queries and keys
+    rotated by position in every attention layer; no position embedding)."""
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        _require(
+            self.positions in ("learned", "rotary"),
+            f"{prefix}.positions={self.positions!r} is not one of learned, rotary",
+        )
         _require(self.vocab_size > 0, f"{prefix}.vocab_size must be positive, got {self.vocab_size}")
         _require(self.max_length >= 3, f"{prefix}.max_length must be >= 3 (BOS, a token, EOS)")
 

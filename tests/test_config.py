@@ -44,11 +44,31 @@ def test_parse_overrides_builds_nested_tree() -> None:
         (["precision=fp8"], "precision"),
         (["model.txt.hidden_size=8"], "model.txt"),
         (["optim.lr=fast"], "optim.lr"),
+        (["model.text.attention.kind=flash"], "model.text.attention"),
+        (["model.image.attention.layers=local"], "model.image.attention.layers"),
+        (["model.image.attention.layers=full,sparse"], "model.image.attention"),
+        (["model.text.attention.feature_map=relu"], "model.text.attention.feature_map"),
+        (["model.text.attention.window=-1"], "model.text.attention.window"),
+        (["model.text.positions=sinusoidal"], "model.text.positions"),
     ],
 )
 def test_invalid_values_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("tiny", overrides)
+
+
+def test_attention_kernels_per_tower_and_per_layer() -> None:
+    model = load_config(
+        "tiny",
+        ["model.image.attention.layers=local, linear", "model.image.attention.window=5",
+         "model.text.attention.kind=block_sparse", "model.text.attention.block_size=8"],
+    ).model  # fmt: skip
+    assert model.image.attention.kinds(2) == ["local", "linear"]
+    assert model.image.attention.options("local") == {"window": 5, "global_tokens": 0}
+    assert model.image.attention.options("linear") == {"feature_map": "elu"}
+    assert model.text.attention.kinds(2) == ["block_sparse"] * 2
+    assert model.text.attention.options("block_sparse") == {"block_size": 8, "num_neighbors": 1, "num_global_blocks": 0}
+    assert load_config("tiny").model.text.attention.kinds(2) == ["full", "full"]
 
 
 def test_world_size_must_divide_by_tensor_parallel() -> None:

@@ -159,9 +159,9 @@ def _pipeline_step(config: ModelConfig, state: ParallelState, inputs: tuple[torc
     return result, params, names
 
 
-def _whole_model_parity(rank: int, world: int) -> None:
+def _whole_model_parity(rank: int, world: int, overrides: tuple[str, ...]) -> None:
     state = ParallelState.initialize(tensor_parallel=world)
-    config = _config()
+    config = _config(*overrides)
     inputs = _inputs(config)
     expected = _step(_model(config, ParallelState.single()), inputs)
     checks = _Checks(rank)
@@ -202,9 +202,16 @@ def _whole_model_parity(rank: int, world: int) -> None:
     checks.finish()
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_sequence_parallel_model_and_pipeline_layers_match_one_process(tmp_path, tp: int) -> None:
-    run_distributed(_whole_model_parity, tp, tmp_path)
+OTHER_ATTENTION = (  # every kernel, causal text with rotary positions, kernels chosen per layer
+    "model.text.attention.kind=local", "model.text.attention.window=3", "model.text.attention.global_tokens=1",
+    "model.text.causal=true", "model.text.positions=rotary",
+    "model.image.attention.layers=linear,block_sparse", "model.image.attention.block_size=16",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("tp, overrides", [(2, ()), (4, ()), (2, OTHER_ATTENTION)], ids=["tp2", "tp4", "tp2-kernels"])
+def test_sequence_parallel_model_and_pipeline_layers_match_one_process(tmp_path, tp: int, overrides: tuple) -> None:
+    run_distributed(_whole_model_parity, tp, tmp_path, overrides)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ Such parameters carry ``sequence_parallel=True``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamm.config import TransformerConfig
 from megamm.model.attention import ParallelSelfAttention
 from megamm.model.attention.self_attention import tensor_parallel_rng
 from megamm.model.init import WeightInit
@@ -109,6 +110,28 @@ class SequenceLayout:
         return tensor.chunk(self.size, dim=1)[group_rank(self.group)]
 
 
+@dataclass(frozen=True)
+class BlockAttention:
+    """What a block's self-attention runs: a kernel by name (``megamm.model.attention``) with its
+    options, causal or not, with rotary positions or not."""
+
+    kernel: str = "full"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    causal: bool = False
+    rotary: bool = False
+
+
+def tower_attention(tower: TransformerConfig) -> list[BlockAttention]:
+    """Each block's :class:`BlockAttention` of the tower ``tower`` configures: its ``attention``
+    kernels, and for a tower that has them (the text tower) ``causal`` and rotary ``positions``."""
+    causal = bool(getattr(tower, "causal", False))
+    rotary = getattr(tower, "positions", "learned") == "rotary"
+    return [
+        BlockAttention(kind, tower.attention.options(kind), causal, rotary)
+        for kind in tower.attention.kinds(tower.num_layers)
+    ]
+
+
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: SequenceLayout) -> torch.Tensor:
     """Dropout of the hidden states (embeddings, attention and MLP outputs), as in Megatron: from the
     random stream the tensor-parallel ranks share when they hold the same activations, from each
@@ -177,7 +200,8 @@ class TransformerBlock(nn.Module):
     or (B, T / tp, H) -> (B, T / tp, H) under sequence parallelism (``sequence_parallel`` at tp > 1).
 
     ``dropout`` drops the attention and MLP outputs before the residual additions, ``attention_dropout``
-    the attention probabilities (both only in training; see :func:`hidden_dropout`).
+    the attention probabilities (both only in training; see :func:`hidden_dropout`). ``attention``:
+    the self-attention's kernel, causality and rotary positions (default: full, bidirectional).
     """
 
     def __init__(
@@ -191,8 +215,10 @@ class TransformerBlock(nn.Module):
         sequence_parallel: bool = False,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        attention: Optional[BlockAttention] = None,
     ) -> None:
         super().__init__()
+        attention = attention or BlockAttention()
         self.layout = SequenceLayout(group, sequence_parallel)
         self.dropout = dropout
         sp = self.layout.active
@@ -205,6 +231,10 @@ class TransformerBlock(nn.Module):
             output_init_method=init.residual(hidden_size, num_layers),
             sequence_parallel=sp,
             attention_dropout=attention_dropout,
+            kernel=attention.kernel,
+            kernel_options=attention.options,
+            causal=attention.causal,
+            rotary=attention.rotary,
         )
         self.mlp_norm = SequenceParallelLayerNorm(hidden_size, group, sp)
         self.mlp = ParallelMLP(hidden_size, ffn_size, group, init, num_layers, sequence_parallel=sp)
@@ -221,7 +251,8 @@ class TransformerStack(nn.Module):
     """``num_layers`` blocks followed by a final LayerNorm (on the slices, under sequence parallelism).
 
     Block ``i`` draws its weights in the random stream of the piece ``"{name}.block.{i}"``
-    (:meth:`WeightInit.seeded`), as the pipeline's layers do.
+    (:meth:`WeightInit.seeded`), as the pipeline's layers do. ``attention``: one
+    :class:`BlockAttention` for every block, or one per block (:func:`tower_attention`).
 
     With ``activation_checkpointing`` on, training keeps only each block's input and recomputes
     the block in the backward pass (:func:`megamm.parallel.checkpoint`, which replays the random
@@ -240,14 +271,19 @@ class TransformerStack(nn.Module):
         sequence_parallel: bool = False,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        attention: Union[BlockAttention, Sequence[BlockAttention], None] = None,
     ) -> None:
         super().__init__()
+        per_layer = list(attention) if isinstance(attention, (list, tuple)) else [attention] * num_layers
+        if len(per_layer) != num_layers:
+            raise ValueError(f"{len(per_layer)} attention settings for {num_layers} layers; give one per layer")
         blocks = []
         for index in range(num_layers):
             with init.seeded(f"{name}.block.{index}"):
                 block = TransformerBlock(
-                    hidden_size, num_heads, ffn_size, group, init, num_layers, sequence_parallel, dropout, attention_dropout
-                )
+                    hidden_size, num_heads, ffn_size, group, init, num_layers, sequence_parallel, dropout,
+                    attention_dropout, per_layer[index],
+                )  # fmt: skip
             blocks.append(block)
         self.layers = nn.ModuleList(blocks)
         self.final_norm = SequenceParallelLayerNorm(hidden_size, group, sequence_parallel)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from megamm.config import ModelConfig
-from megamm.model.blocks import TransformerStack
+from megamm.model.blocks import TransformerStack, tower_attention
 from megamm.model.encoders import ImageEncoder, TextEncoder
 from megamm.model.heads import ContrastiveHead, Projection
 from megamm.model.init import WeightInit
@@ -56,6 +56,8 @@ class MultiModalTransformer(nn.Module):
             group=parallel.tp_group,
             init=init,
             sequence_parallel=sequence_parallel,
+            attention=tower_attention(text),
+            learned_positions=text.positions == "learned",
             **dropouts,
         )
         self.image_encoder = ImageEncoder(
@@ -69,6 +71,7 @@ class MultiModalTransformer(nn.Module):
             group=parallel.tp_group,
             init=init,
             sequence_parallel=sequence_parallel,
+            attention=tower_attention(image),
             **dropouts,
         )
         self.text_projection = Projection("text", text.hidden_size, config.embed_dim, init)

@@ -48,7 +48,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from megamm.config import ModelConfig, pipeline_split
-from megamm.model.blocks import SequenceLayout, SequenceParallelLayerNorm, TransformerBlock
+from megamm.model.blocks import SequenceLayout, SequenceParallelLayerNorm, TransformerBlock, tower_attention
 from megamm.model.encoders.image import ImagePatchEmbedding, pool_class_token
 from megamm.model.encoders.text import TextEmbedding, masked_mean
 from megamm.model.heads import CLAMP_ATTRIBUTE, Projection, contrastive_loss
@@ -93,7 +93,8 @@ class TextEmbeddingLayer(nn.Module):
         super().__init__()
         text = config.text
         self.embedding = TextEmbedding(
-            text.vocab_size, text.max_length, text.hidden_size, group, init, sequence_parallel, config.dropout
+            text.vocab_size, text.max_length, text.hidden_size, group, init, sequence_parallel, config.dropout,
+            learned_positions=text.positions == "learned",
         )
 
     def forward(self, inputs: Stream) -> Stream:
@@ -123,10 +124,11 @@ class BlockLayer(nn.Module):
         super().__init__()
         tower = getattr(config, modality)
         self.modality = modality
+        attention = tower_attention(tower)[index]
         with init.seeded(f"{modality}.block.{index}"):
             self.block = TransformerBlock(
                 tower.hidden_size, tower.num_heads, tower.ffn_size, group, init, tower.num_layers,
-                sequence_parallel, config.dropout, config.attention_dropout,
+                sequence_parallel, config.dropout, config.attention_dropout, attention,
             )  # fmt: skip
         self.image_tokens = (config.image.image_size // config.image.patch_size) ** 2 + 1
         self.activation_checkpointing = False

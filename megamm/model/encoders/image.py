@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamm.model.blocks import SequenceLayout, TransformerStack, hidden_dropout
+from megamm.model.blocks import BlockAttention, SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
 from megamm.parallel import group_rank, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
@@ -141,7 +141,8 @@ def pool_class_token(features: torch.Tensor, layout: Optional[SequenceLayout] = 
 
 
 class ImageEncoder(nn.Module):
-    """:class:`ImagePatchEmbedding` + transformer; pools the class token."""
+    """:class:`ImagePatchEmbedding` + transformer; pools the class token. ``attention``: the blocks'
+    kernels (:class:`~megamm.model.blocks.BlockAttention`, one for all or one per block)."""
 
     def __init__(
         self,
@@ -157,14 +158,16 @@ class ImageEncoder(nn.Module):
         sequence_parallel: bool = False,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        attention: Union[BlockAttention, Sequence[BlockAttention], None] = None,
     ) -> None:
         super().__init__()
         self.embedding = ImagePatchEmbedding(
             image_size, patch_size, channels, hidden_size, init, group, sequence_parallel, dropout
         )
         self.transformer = TransformerStack(
-            "image", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout, attention_dropout
-        )
+            "image", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout,
+            attention_dropout, attention,
+        )  # fmt: skip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, S, S) -> (B, H)."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from megamm.model.blocks import SequenceLayout, TransformerStack, hidden_dropout
+from megamm.model.blocks import BlockAttention, SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
 from megamm.parallel import VocabParallelEmbedding, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
@@ -34,7 +34,9 @@ class TextEmbedding(nn.Module):
     slice (B, T' / tp, H) of the sequence zero-padded to T', a multiple of tp (pad the key padding
     mask alike with ``layout.pad_mask``).
 
-    Its weights are drawn in the random stream of the piece ``"text.embedding"``.
+    Its weights are drawn in the random stream of the piece ``"text.embedding"``. Without
+    ``learned_positions`` (rotary positions in the attention layers instead) it has no position
+    embedding.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class TextEmbedding(nn.Module):
         init: WeightInit,
         sequence_parallel: bool = False,
         dropout: float = 0.0,
+        learned_positions: bool = True,
     ) -> None:
         super().__init__()
         self.max_length = max_length
@@ -55,23 +58,28 @@ class TextEmbedding(nn.Module):
             self.token_embedding = VocabParallelEmbedding(
                 vocab_size, hidden_size, group, init_method=init.token_embedding()
             )
-            self.position_embedding = nn.Parameter(torch.empty(max_length, hidden_size))
-            init.position()(self.position_embedding)
+            self.position_embedding: Optional[nn.Parameter] = None
+            if learned_positions:
+                self.position_embedding = nn.Parameter(torch.empty(max_length, hidden_size))
+                init.position()(self.position_embedding)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
         if length > self.max_length:
             raise ValueError(f"text length {length} exceeds model.text.max_length={self.max_length}")
-        positions = self.position_embedding[:length].unsqueeze(0)  # (1, T, H)
         if self.layout.active:  # as Megatron: the partial lookups reduce-scattered straight into the slices
-            x = self.layout.reduce_scatter(self.token_embedding.partial(ids)) + self.layout.scatter(positions)
+            x = self.layout.reduce_scatter(self.token_embedding.partial(ids))  # (B, T' / tp, H)
         else:
-            x = self.token_embedding(ids) + positions  # (B, T, H)
+            x = self.token_embedding(ids)  # (B, T, H)
+        if self.position_embedding is not None:
+            x = x + self.layout.scatter(self.position_embedding[:length].unsqueeze(0))  # + (1, T or T' / tp, H)
         return hidden_dropout(x, self.dropout, self.training, self.layout)  # (B, T' / tp, H) under SP
 
 
 class TextEncoder(nn.Module):
-    """Bidirectional transformer over caption tokens, mean-pooled over non-padding tokens."""
+    """Transformer over caption tokens, mean-pooled over non-padding tokens. Bidirectional unless
+    ``attention`` (a :class:`~megamm.model.blocks.BlockAttention` for every block, or one per block)
+    says causal; ``learned_positions=False`` with rotary attention (``BlockAttention.rotary``)."""
 
     def __init__(
         self,
@@ -86,12 +94,17 @@ class TextEncoder(nn.Module):
         sequence_parallel: bool = False,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        attention: Union[BlockAttention, Sequence[BlockAttention], None] = None,
+        learned_positions: bool = True,
     ) -> None:
         super().__init__()
-        self.embedding = TextEmbedding(vocab_size, max_length, hidden_size, group, init, sequence_parallel, dropout)
-        self.transformer = TransformerStack(
-            "text", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout, attention_dropout
+        self.embedding = TextEmbedding(
+            vocab_size, max_length, hidden_size, group, init, sequence_parallel, dropout, learned_positions
         )
+        self.transformer = TransformerStack(
+            "text", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout,
+            attention_dropout, attention,
+        )  # fmt: skip
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64, mask (B, T) bool (True = real token) -> (B, H)."""

@@ -20,7 +20,9 @@ BOS, EOS, PAD = 2, 3, 0
 F64 = dict(atol=1e-9, rtol=1e-9)
 
 
-def _decoder(group=None, vocab: int = 16, positions: str = "learned", seed: int = 1, token_std: float = 1.0, **kw) -> TextDecoder:
+def _decoder(
+    group=None, vocab: int = 16, positions: str = "learned", seed: int = 1, token_std: float = 1.0, **kw
+) -> TextDecoder:
     sizes = dict(max_length=8, hidden_size=16, num_layers=2, num_heads=4, ffn_size=32, context_size=12)
     sizes.update(kw)
     init = WeightInit(seed=seed, token_embedding_std=token_std)
@@ -84,7 +86,9 @@ def test_loss_equals_cross_entropy_of_full_logits_with_tied_head() -> None:
     assert not any("head" in name for name, _ in decoder.named_parameters())
     target = ids[:, 1:].masked_fill(~ids_mask[:, 1:], -100)
     for smoothing in (0.0, 0.1):
-        expected = F.cross_entropy(logits[:, :-1].reshape(-1, 16), target.reshape(-1), ignore_index=-100, label_smoothing=smoothing)
+        expected = F.cross_entropy(
+            logits[:, :-1].reshape(-1, 16), target.reshape(-1), ignore_index=-100, label_smoothing=smoothing
+        )
         torch.testing.assert_close(decoder.loss(ids, ids_mask, context, mask, label_smoothing=smoothing), expected)
     # the embedding's gradient comes from both the lookup and the head
     decoder.loss(ids, ids_mask, context, mask).backward()
@@ -115,6 +119,15 @@ def test_cache_greedy_and_beam_of_one(positions: str) -> None:
     beam_one, beam_scores = decoder._beam_search(context, mask, 8, BOS, EOS, PAD, 1, 1.0, True)
     assert torch.equal(beam_one, greedy) and torch.equal(one, greedy)
     torch.testing.assert_close(beam_scores, scores)
+    # EOS as every row's second choice for the first token: greedy passes it by, and so does one beam
+    runner_up = decoder(torch.full((3, 1), BOS), context, mask)[:, 0].topk(2).indices[:, 1]  # (B,)
+    for row in range(3):
+        eos = int(runner_up[row])
+        one_context, one_mask = context[row : row + 1], mask[row : row + 1]
+        expected = decoder.generate(one_context, one_mask, bos_id=BOS, eos_id=eos)
+        assert torch.equal(decoder.generate(one_context, one_mask, bos_id=BOS, eos_id=eos, num_beams=1), expected)
+        beam, _ = decoder._beam_search(one_context, one_mask, 8, BOS, eos, PAD, 1, 1.0, True)
+        assert torch.equal(beam, expected)
     logits = decoder(greedy[:, :-1], context, mask)  # (B, L - 1, V)
     for row in range(3):
         for t in range(1, greedy.shape[1]):
@@ -124,7 +137,9 @@ def test_cache_greedy_and_beam_of_one(positions: str) -> None:
                 assert greedy[row, t] == logits[row, t - 1].argmax()
     for beams in (2, 4):
         cached = decoder.generate(context, mask, bos_id=BOS, eos_id=EOS, num_beams=beams, return_scores=True)
-        recomputed = decoder.generate(context, mask, bos_id=BOS, eos_id=EOS, num_beams=beams, use_cache=False, return_scores=True)
+        recomputed = decoder.generate(
+            context, mask, bos_id=BOS, eos_id=EOS, num_beams=beams, use_cache=False, return_scores=True
+        )
         assert torch.equal(cached[0], recomputed[0])
         torch.testing.assert_close(cached[1], recomputed[1])
         assert (cached[1] >= scores - 1e-6).all()  # never worse than greedy with this many steps
@@ -164,7 +179,9 @@ def test_beam_search_finds_the_exhaustive_best_and_eos_stops(penalty: float) -> 
     (enumerated), for length penalties 1 (per-token mean), 0 (the raw sum) and -0.5 (short favoured more)."""
     decoder = _decoder(vocab=5, max_length=4, token_std=0.3).double()
     context, mask = _context(dtype=torch.float64, seed=penalty.__hash__() % 7)
-    ids, scores = decoder.generate(context, mask, bos_id=BOS, eos_id=EOS, num_beams=100, length_penalty=penalty, return_scores=True)
+    ids, scores = decoder.generate(
+        context, mask, bos_id=BOS, eos_id=EOS, num_beams=100, length_penalty=penalty, return_scores=True
+    )
     best = _exhaustive(decoder, context, mask, 3, penalty)
     _, greedy = decoder.generate(context, mask, bos_id=BOS, eos_id=EOS, length_penalty=penalty, return_scores=True)
     assert (greedy < scores - 1e-6).any(), "a case where greedy decoding misses the best sequence"
@@ -202,9 +219,11 @@ def test_eos_stops_generation() -> None:
         if len(ends):
             assert (row[int(ends[0]) + 1 :] == PAD).all()
     with pytest.raises(ValueError, match="max_length=9"):
-        decoder.generate(context, mask, max_length=9)
+        decoder.generate(context, mask, max_length=9, bos_id=BOS, eos_id=EOS)
     with pytest.raises(ValueError, match="num_beams=0"):
-        decoder.generate(context, mask, num_beams=0)
+        decoder.generate(context, mask, bos_id=BOS, eos_id=EOS, num_beams=0)
+    with pytest.raises(ValueError, match="context_size=12"):
+        decoder.generate(context[..., :8], mask, bos_id=BOS, eos_id=EOS)
     with pytest.raises(ValueError, match="positions='absolute'"):
         _decoder(positions="absolute")
 

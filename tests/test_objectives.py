@@ -152,7 +152,8 @@ def _tp_parity(rank: int, world: int) -> None:
     vqa = [VQAClassifier(8, 20, g, WeightInit(seed=4)) for g in (None, group)]
     check("vqa loss", *vqa, lambda m, x: m.loss(x, answer))
     itm = [ImageTextMatchingHead(8, g, WeightInit(seed=3)) for g in (None, group)]
-    check("itm", *itm, lambda m, x: m.matching_loss(lambda i, t: x[i] * x[t], similarity, torch.Generator().manual_seed(5)))
+    fused = lambda x: lambda i, t: x[i] * x[t]  # noqa: E731
+    check("itm", *itm, lambda m, x: m.matching_loss(fused(x), similarity, torch.Generator().manual_seed(5)))
     # the ranks fuse the same pairs even when their generators differ: the first rank's are taken
     mined = mine_hard_negatives(similarity, torch.Generator().manual_seed(100 + rank), group)
     first = mine_hard_negatives(similarity, torch.Generator().manual_seed(100))

@@ -144,7 +144,8 @@ class DecoderBlock(nn.Module):
         x = x + attn.out(attended.transpose(1, 2).reshape(batch, 1, -1))
 
         cross = self.cross_attn
-        q = cross.q(self.cross_norm(x)).view(batch, 1, cross.local_heads, cross.head_dim).transpose(1, 2)  # (B, h, 1, d)
+        q = cross.q(self.cross_norm(x)).view(batch, 1, cross.local_heads, cross.head_dim)  # (B, 1, h, d)
+        q = q.transpose(1, 2)  # (B, h, 1, d)
         attended = cross.kernel(q, cache["cross_k"], cache["cross_v"], context_mask)  # (B, h, 1, d)
         x = x + cross.out(attended.transpose(1, 2).reshape(batch, 1, -1))
         return x + self.mlp(self.mlp_norm(x))  # (B, 1, H)
@@ -220,6 +221,7 @@ class TextDecoder(nn.Module):
             raise ValueError(f"TextDecoder: label_smoothing={label_smoothing} must be in [0, 1]")
         self.group = group
         self.vocab_size = vocab_size
+        self.context_size = context_size
         self.max_length = max_length
         self.positions = positions
         self.dropout = dropout
@@ -227,7 +229,9 @@ class TextDecoder(nn.Module):
         self.layout = SequenceLayout(group, False)
         self.logit_scale = hidden_size**-0.5
         with init.seeded(f"{name}.embedding"):
-            self.token_embedding = VocabParallelEmbedding(vocab_size, hidden_size, group, init_method=init.token_embedding())
+            self.token_embedding = VocabParallelEmbedding(
+                vocab_size, hidden_size, group, init_method=init.token_embedding()
+            )
             if positions == "learned":
                 self.position_embedding: Optional[nn.Parameter] = nn.Parameter(torch.empty(max_length, hidden_size))
                 init.position()(self.position_embedding)
@@ -273,9 +277,10 @@ class TextDecoder(nn.Module):
         hidden states (B, T, H)."""
         if ids.dim() != 2:
             raise ValueError(f"TextDecoder: ids must be (B, T), got {tuple(ids.shape)}")
-        if context.dim() != 3 or context.shape[0] != ids.shape[0]:
+        if context.dim() != 3 or context.shape[0] != ids.shape[0] or context.shape[2] != self.context_size:
             raise ValueError(
-                f"TextDecoder: context must be (B, Tk, Hc) with the ids' B={ids.shape[0]}, got {tuple(context.shape)}"
+                f"TextDecoder: context must be (B, Tk, Hc) with the ids' B={ids.shape[0]} and "
+                f"Hc = context_size={self.context_size}, got {tuple(context.shape)}"
             )
         x = self.embed(ids)  # (B, T, H)
         for layer in self.layers:
@@ -346,8 +351,9 @@ class TextDecoder(nn.Module):
         context: torch.Tensor,
         context_mask: Optional[torch.Tensor] = None,
         max_length: Optional[int] = None,
-        bos_id: int = 2,
-        eos_id: int = 3,
+        *,
+        bos_id: int,
+        eos_id: int,
         pad_id: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
@@ -360,7 +366,8 @@ class TextDecoder(nn.Module):
         ``max_length`` tokens (BOS included; default the decoder's), then ``pad_id``; L is the
         longest row's length. With ``return_scores`` also (B,) float scores: the sum of the
         generated tokens' log-probabilities (EOS included) divided by ``n ** length_penalty``,
-        n the number of generated tokens (EOS included, BOS not).
+        n the number of generated tokens (EOS included, BOS not). ``bos_id``, ``eos_id``, ``pad_id``:
+        the tokenizer's (``megamm.data.tokenizer``: BOS_ID, EOS_ID, PAD_ID = 0).
 
         ``num_beams=1``: greedy (the most likely token at each step; a row stops at EOS). Beam
         search (``num_beams`` = K > 1) keeps the K most likely unfinished prefixes (by summed
@@ -384,11 +391,18 @@ class TextDecoder(nn.Module):
             raise ValueError(f"TextDecoder.generate: num_beams={num_beams} must be >= 1")
         for what, token in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"TextDecoder.generate: {what}={token} is outside the vocabulary [0, {self.vocab_size})")
-        if context.dim() != 3:
-            raise ValueError(f"TextDecoder.generate: context must be (B, Tk, Hc), got {tuple(context.shape)}")
+                raise ValueError(
+                    f"TextDecoder.generate: {what}={token} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if context.dim() != 3 or context.shape[2] != self.context_size:
+            raise ValueError(
+                f"TextDecoder.generate: context must be (B, Tk, Hc) with Hc = context_size={self.context_size}, "
+                f"got {tuple(context.shape)}"
+            )
         if num_beams == 1:
-            ids, scores = self._greedy(context, context_mask, max_length, bos_id, eos_id, pad_id, length_penalty, use_cache)
+            ids, scores = self._greedy(
+                context, context_mask, max_length, bos_id, eos_id, pad_id, length_penalty, use_cache
+            )
         else:
             ids, scores = self._beam_search(
                 context, context_mask, max_length, bos_id, eos_id, pad_id, num_beams, length_penalty, use_cache
@@ -459,7 +473,7 @@ class TextDecoder(nn.Module):
         caches = self._start(context) if use_cache else None
         ids = torch.full((batch * beams, 1), bos_id, dtype=torch.long, device=device)  # (B K, 1)
         dtype = _score_dtype(context)
-        running = torch.full((batch, beams), float("-inf"), dtype=dtype, device=device)  # (B, K) summed log-probabilities
+        running = torch.full((batch, beams), float("-inf"), dtype=dtype, device=device)  # (B, K) summed log-probs
         running[:, 0] = 0.0  # one live beam at first: the others would repeat it
         best_score = torch.full((batch,), float("-inf"), dtype=dtype, device=device)  # (B,) length-normalised
         best_ids = torch.full((batch, max_length), pad_id, dtype=torch.long, device=device)  # (B, L)
@@ -488,9 +502,8 @@ class TextDecoder(nn.Module):
             _broadcast_from_first([top_scores, top_index], self.group)
             parent = top_index // vocab  # (B, 2K) beam within the row
             token = top_index % vocab  # (B, 2K)
-            extended = torch.cat(
-                [ids.view(batch, beams, -1).gather(1, parent[:, :, None].expand(-1, -1, step)), token[:, :, None]], dim=2
-            )  # (B, 2K, step + 1)
+            prefixes = ids.view(batch, beams, step).gather(1, parent[:, :, None].expand(-1, -1, step))  # (B, 2K, step)
+            extended = torch.cat([prefixes, token[:, :, None]], dim=2)  # (B, 2K, step + 1)
             # finished: EOS among the K best extensions of a row still searching
             is_eos = (token == eos_id) & torch.isfinite(top_scores)
             accept = is_eos & (rank < beams) & ~done[:, None]

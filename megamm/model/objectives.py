@@ -193,7 +193,9 @@ class VQAClassifier(nn.Module):
         """Mean cross entropy over the samples whose ``answer`` (B,) int64 is not -1; a batch with
         no answer gives 0 (finite, with a graph reaching the head's weights)."""
         if answer.shape != pooled.shape[:1]:
-            raise ValueError(f"VQAClassifier.loss: answer must be (B,) = ({pooled.shape[0]},), got {tuple(answer.shape)}")
+            raise ValueError(
+                f"VQAClassifier.loss: answer must be (B,) = ({pooled.shape[0]},), got {tuple(answer.shape)}"
+            )
         torch._assert_async(
             ((answer >= NO_ANSWER) & (answer < self.num_answers)).all(),
             f"VQAClassifier.loss: answers must be -1 (none) or in [0, {self.num_answers}); "

@@ -446,7 +446,8 @@ def run_pretraining(
     then rank 0 takes ``checkpoint.dir``'s run lock, released however the run ends. A start
     that fails leaves the checkpoint and TensorBoard directories as they were. On SIGTERM or
     SIGUSR1 (preemption) every rank finishes its step, the step is checkpointed, and
-    :class:`~megamm.engine.Preempted` is raised. ``restart_data``: on resume, read the training
+    :class:`~megamm.engine.Preempted` is raised; during start-up (before the first batch is
+    requested) the signal ends the process at once, as nothing new is there to save. ``restart_data``: on resume, read the training
     data from its beginning instead of continuing the checkpoint's data position (which a
     changed data stream is refused).
 
@@ -458,7 +459,7 @@ def run_pretraining(
     _setup_logging(info.rank)
     plan = preflight(config, ds_config_path, resume, info, restart_data, init_from)
     lock = RunLock(config.checkpoint.dir).acquire() if info.rank == 0 else None
-    stop = StopRequest().install()
+    stop = StopRequest()  # installed once there is training to checkpoint (see _train)
     try:
         return _train(config, plan, info, lock, stop)
     finally:
@@ -584,6 +585,9 @@ def _train(
         log.warning("%s holds no random state for this device: dropout's streams start afresh", plan.resume_from)
     watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("waiting for the first batch")
     trainer = Trainer(runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog)
+    # Until here a stop signal ends the process at once (its default action): there is nothing new
+    # to save, and a rank blocked in start-up (a rendezvous, a collective) would not see a flag.
+    stop.install()
     try:
         if plan.init_from is not None:
             trainer.evaluate()  # the starting weights, at step 0

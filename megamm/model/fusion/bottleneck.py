@@ -25,7 +25,8 @@ class BottleneckFusion(nn.Module):
     through the Nb tokens.
 
     One width: every stream is (B, Tm, ``hidden_size``); project a stream of another width to it
-    first (the fusion adds no adapters).
+    first (the fusion adds no adapters). Streams are whole on every rank (no sequence
+    parallelism: a rank's slice of a stream cannot be joined to the whole bottleneck).
 
     Missing modalities: a modality absent from the call is missing in every row;
     ``present[m]`` (B,) bool, and a row of ``masks[m]`` without any real token, mark it missing

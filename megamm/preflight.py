@@ -152,8 +152,7 @@ def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -
     The weights fit only the model they were trained as (every ``model.*`` field but the image size,
     :data:`RESIZABLE`), sharded the same way (``parallel.tensor_parallel``; any data-parallel size
     and ZeRO stage is fine), and they mean what they mean only with the tokenizer they were trained
-    with. The run must write
-    its own checkpoints and TensorBoard events, never into the source run's.
+    with. The run must write its own checkpoints and TensorBoard events, never into the source run's.
 
     Raises:
         ConfigError: naming each field that differs and what to do.

@@ -16,13 +16,13 @@ output of a clip does not depend on how much padding follows it.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamm.model.blocks import SequenceLayout, TransformerStack, hidden_dropout
+from megamm.model.blocks import BlockAttention, SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.encoders.image import pool_class_token
 from megamm.model.encoders.melspec import LogMelSpectrogram
 from megamm.model.init import WeightInit
@@ -156,7 +156,8 @@ class AudioEncoder(nn.Module):
     waveform (B, S) mono at ``sample_rate`` with optional ``lengths`` (B,) valid samples -> (B, H).
     The spectrogram's settings (``sample_rate``, ``n_fft``, ``hop_length``, ``mean``, ``std``, ...)
     are keyword arguments passed to it; ``max_frames`` bounds the spectrogram's frames, i.e. the
-    audio to at most ``max_frames * hop_length - 1`` samples (:attr:`max_samples`).
+    audio to at most ``max_frames * hop_length - 1`` samples (:attr:`max_samples`). ``attention``:
+    the blocks' kernels (:class:`~megamm.model.blocks.BlockAttention`, one for all or one per block).
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class AudioEncoder(nn.Module):
         sequence_parallel: bool = False,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        attention: Union[BlockAttention, Sequence[BlockAttention], None] = None,
         **spectrogram: Any,
     ) -> None:
         super().__init__()
@@ -181,8 +183,9 @@ class AudioEncoder(nn.Module):
             n_mels, max_frames, patch_size, hidden_size, init, group, sequence_parallel, dropout
         )
         self.transformer = TransformerStack(
-            "audio", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout, attention_dropout
-        )
+            "audio", hidden_size, num_layers, num_heads, ffn_size, group, init, sequence_parallel, dropout,
+            attention_dropout, attention,
+        )  # fmt: skip
 
     @property
     def max_samples(self) -> int:

@@ -151,9 +151,17 @@ class TextConfig(TransformerConfig):
     positions: str = "learned"
     """``learned`` (a position embedding added to the tokens) or ``rotary`` (queries and keys
     rotated by position in every attention layer; no position embedding)."""
+    pad_id: int = 0
+    """The tokenizer's padding, begin- and end-of-sequence ids (megamm's SentencePiece models: 0, 2, 3);
+    generation starts at bos_id and stops at eos_id."""
+    bos_id: int = 2
+    eos_id: int = 3
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            _require(0 <= value < self.vocab_size, f"{prefix}.{name}={value} is not a token id below vocab_size={self.vocab_size}")
         _require(
             self.positions in ("learned", "rotary"),
             f"{prefix}.positions={self.positions!r} is not one of learned, rotary",
@@ -180,11 +188,169 @@ class ImageConfig(TransformerConfig):
 
 
 @dataclass
+class AudioConfig(TransformerConfig):
+    """Audio encoder: 16 kHz mono waveform -> log-mel spectrogram -> patches over time x frequency
+    (AST-style) -> transformer, pooled at its class token."""
+
+    enabled: bool = False
+    """Build the audio encoder (and read the samples' ``wav``)."""
+    sample_rate: int = 16000
+    n_mels: int = 64
+    n_fft: int = 400
+    """STFT window (25 ms at 16 kHz)."""
+    hop_length: int = 160
+    """STFT hop (10 ms at 16 kHz): one spectrogram frame per hop."""
+    patch_time: int = 8
+    """Frames per patch."""
+    patch_frequency: int = 16
+    """Mel bins per patch; must divide n_mels."""
+    max_seconds: float = 1.0
+    """The longest audio the position embeddings cover."""
+    mean: float = 0.0
+    """The log-mel values are normalised as (x - mean) / std."""
+    std: float = 1.0
+
+    @property
+    def max_frames(self) -> int:
+        """Spectrogram frames of ``max_seconds`` of audio (the position table's length in time)."""
+        return int(round(self.max_seconds * self.sample_rate)) // self.hop_length + 1
+
+    @property
+    def max_samples(self) -> int:
+        """The longest waveform (padding included) the encoder takes."""
+        return self.max_frames * self.hop_length - 1
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _require(self.sample_rate > 0, f"{prefix}.sample_rate must be positive, got {self.sample_rate}")
+        _require(self.n_fft >= 2 and self.hop_length >= 1, f"{prefix}.n_fft must be >= 2 and {prefix}.hop_length >= 1")
+        _require(
+            self.patch_frequency >= 1 and self.n_mels % self.patch_frequency == 0,
+            f"{prefix}.n_mels={self.n_mels} is not divisible by {prefix}.patch_frequency={self.patch_frequency}; "
+            "pick a patch height that divides the mel bins",
+        )
+        _require(self.patch_time >= 1, f"{prefix}.patch_time must be >= 1, got {self.patch_time}")
+        _require(self.max_seconds > 0, f"{prefix}.max_seconds must be positive, got {self.max_seconds}")
+        _require(self.std > 0, f"{prefix}.std must be positive, got {self.std}")
+
+
+FUSION_KINDS = ("gated", "bottleneck", "concat", "weighted")
+"""Values of ``model.fusion.kind`` (megamm/model/fusion)."""
+
+
+@dataclass
+class FusionConfig:
+    """How the text stream meets the other modalities, for image-text matching and VQA.
+
+    ``gated``: transformer blocks over the text tokens with a tanh-gated cross-attention block
+    (Flamingo) to the image and audio tokens before every ``every``-th one; ``bottleneck``:
+    ``num_layers`` layers of attention bottlenecks (``bottleneck_tokens`` shared tokens) over the
+    text, image and audio streams; ``concat``: concatenated pooled representations + MLP (the
+    baseline for ablations); ``weighted``: a softmax-weighted sum of the pooled representations,
+    with its own weights per task (``itm``, ``vqa``). Runs at the text tower's width.
+    """
+
+    kind: str = "gated"
+    num_layers: int = 2
+    """gated: transformer blocks of the fusion stream; bottleneck: fusion layers."""
+    every: int = 1
+    """gated: a gated cross-attention block before every this many blocks."""
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    bottleneck_tokens: int = 4
+
+    def validate(self, prefix: str, hidden_size: int) -> None:
+        _require(self.kind in FUSION_KINDS, f"{prefix}.kind={self.kind!r} is not one of {', '.join(FUSION_KINDS)}")
+        _require(self.num_layers >= 1, f"{prefix}.num_layers must be >= 1, got {self.num_layers}")
+        _require(self.every >= 1, f"{prefix}.every must be >= 1, got {self.every}")
+        _require(
+            self.num_heads >= 1 and hidden_size % self.num_heads == 0,
+            f"{prefix}.num_heads={self.num_heads} does not divide model.text.hidden_size={hidden_size} (the "
+            "fusion runs at the text width); pick a head count that divides it",
+        )
+        _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        _require(self.bottleneck_tokens >= 1, f"{prefix}.bottleneck_tokens must be >= 1")
+
+    def ffn_size(self, hidden_size: int) -> int:
+        return int(round(hidden_size * self.mlp_ratio))
+
+
+@dataclass
+class DecoderConfig:
+    """The causal text decoder of captioning and generated answers: it cross-attends to the
+    image and audio tokens (captions) or to the fused question (answers). Text-tower width."""
+
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    positions: str = "learned"
+    """``learned`` or ``rotary``."""
+    label_smoothing: float = 0.0
+
+    def validate(self, prefix: str, hidden_size: int) -> None:
+        _require(self.num_layers >= 1, f"{prefix}.num_layers must be >= 1, got {self.num_layers}")
+        _require(
+            self.num_heads >= 1 and hidden_size % self.num_heads == 0,
+            f"{prefix}.num_heads={self.num_heads} does not divide model.text.hidden_size={hidden_size} (the "
+            "decoder runs at the text width); pick a head count that divides it",
+        )
+        _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        _require(self.positions in ("learned", "rotary"), f"{prefix}.positions={self.positions!r} is not one of learned, rotary")
+        _require(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing must be in [0, 1)")
+
+    def ffn_size(self, hidden_size: int) -> int:
+        return int(round(hidden_size * self.mlp_ratio))
+
+
+CONTRASTIVE_PAIRS = ("image_text", "audio_text", "image_audio")
+"""The contrastive objectives, one per modality pair."""
+
+
+@dataclass
+class ObjectivesConfig:
+    """The training loss: a weighted sum of these objectives (0: the objective and the modules only
+    it needs are left out)."""
+
+    image_text: float = 1.0
+    """Contrastive image-text (InfoNCE, negatives from the whole data-parallel group)."""
+    audio_text: float = 0.0
+    """Contrastive audio-text; needs model.audio.enabled."""
+    image_audio: float = 0.0
+    """Contrastive image-audio; needs model.audio.enabled."""
+    captioning: float = 0.0
+    """Next-token loss of the caption decoder, given the image and audio tokens."""
+    itm: float = 0.0
+    """Image-text matching with hard negatives mined from the image-text similarities."""
+    vqa: float = 0.0
+    """Answer classification over the answer vocabulary, from the fused question and image."""
+    vqa_generative: float = 0.0
+    """The decoder's next-token loss on the answer, given the fused question and image."""
+    num_answers: int = 20
+    """Size of the answer vocabulary (the demo's: 20)."""
+
+    def weights(self) -> dict[str, float]:
+        """Every objective's weight, by name."""
+        return {name: getattr(self, name) for name in (*CONTRASTIVE_PAIRS, "captioning", "itm", "vqa", "vqa_generative")}
+
+    def validate(self, prefix: str) -> None:
+        for name, weight in self.weights().items():
+            _require(weight >= 0, f"{prefix}.{name}={weight} must be >= 0 (0 turns the objective off)")
+        _require(any(w > 0 for w in self.weights().values()), f"every {prefix} weight is 0: turn at least one on")
+        _require(self.num_answers >= 2, f"{prefix}.num_answers must be >= 2, got {self.num_answers}")
+
+
+@dataclass
 class ModelConfig:
     """The multi-modal model: encoders, shared embedding space, initialisation."""
 
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """Used when model.objectives.itm, vqa or vqa_generative is on."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """Used when model.objectives.captioning or vqa_generative is on."""
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     embed_dim: int = 64
     """Width of the shared (contrastive) embedding space."""
     init: str = "fan_in"
@@ -216,13 +382,52 @@ class ModelConfig:
     @property
     def data_extras(self) -> tuple[str, ...]:
         """What the model reads from a sample beside its image and caption (``megamm.data.EXTRAS``:
-        ``"audio"``, ``"qa"``); the loaders neither screen nor decode the rest. The dual encoder
-        reads images and captions only."""
-        return ()
+        ``"audio"``, ``"qa"``); the loaders neither screen nor decode the rest."""
+        extras = ("audio",) if self.audio.enabled else ()
+        return extras + (("qa",) if self.uses_questions else ())
+
+    @property
+    def uses_questions(self) -> bool:
+        """True when an objective reads question-answer pairs (VQA)."""
+        return self.objectives.vqa > 0 or self.objectives.vqa_generative > 0
+
+    @property
+    def uses_fusion(self) -> bool:
+        """True when an objective runs the fusion layers (image-text matching, VQA)."""
+        return self.objectives.itm > 0 or self.uses_questions
+
+    @property
+    def uses_decoder(self) -> bool:
+        """True when an objective runs the text decoder (captioning, generated answers)."""
+        return self.objectives.captioning > 0 or self.objectives.vqa_generative > 0
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        """True for the CLIP-style image-text dual encoder: no audio, fusion or decoder."""
+        weights = self.objectives.weights()
+        return not self.audio.enabled and all(w == 0 for name, w in weights.items() if name != "image_text")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The encoders the model has, in order."""
+        return ("text", "image", "audio") if self.audio.enabled else ("text", "image")
 
     def validate(self, prefix: str = "model") -> None:
         self.text.validate(f"{prefix}.text")
         self.image.validate(f"{prefix}.image")
+        if self.audio.enabled:
+            self.audio.validate(f"{prefix}.audio")
+        self.objectives.validate(f"{prefix}.objectives")
+        for pair in ("audio_text", "image_audio"):
+            _require(
+                getattr(self.objectives, pair) == 0 or self.audio.enabled,
+                f"{prefix}.objectives.{pair} needs the audio encoder: set {prefix}.audio.enabled=true, or "
+                f"{prefix}.objectives.{pair}=0",
+            )
+        if self.uses_fusion:
+            self.fusion.validate(f"{prefix}.fusion", self.text.hidden_size)
+        if self.uses_decoder:
+            self.decoder.validate(f"{prefix}.decoder", self.text.hidden_size)
         _require(self.embed_dim > 0, f"{prefix}.embed_dim must be positive, got {self.embed_dim}")
         _require(
             self.init in INIT_SCHEMES,
@@ -444,18 +649,32 @@ class TrainConfig:
         self.checkpoint.validate("checkpoint")
         self.logging.validate("logging")
         tp = self.parallel.tensor_parallel
-        for tower in ("text", "image"):
-            cfg: TransformerConfig = getattr(self.model, tower)
+        model = self.model
+        split: list[tuple[str, int, int]] = [  # (section, heads, MLP width) of every tensor-parallel stack
+            (f"model.{tower}", getattr(model, tower).num_heads, getattr(model, tower).ffn_size)
+            for tower in model.modalities
+        ]
+        if model.uses_fusion:
+            split.append(("model.fusion", model.fusion.num_heads, model.fusion.ffn_size(model.text.hidden_size)))
+        if model.uses_decoder:
+            split.append(("model.decoder", model.decoder.num_heads, model.decoder.ffn_size(model.text.hidden_size)))
+        for section, heads, ffn in split:
             _require(
-                cfg.num_heads % tp == 0,
-                f"model.{tower}.num_heads={cfg.num_heads} is not divisible by parallel.tensor_parallel="
+                heads % tp == 0,
+                f"{section}.num_heads={heads} is not divisible by parallel.tensor_parallel="
                 f"{tp}; use a head count that is a multiple of the tensor-parallel size",
             )
             _require(
-                cfg.ffn_size % tp == 0,
-                f"model.{tower}.hidden_size*mlp_ratio={cfg.ffn_size} is not divisible by "
-                f"parallel.tensor_parallel={tp}; adjust model.{tower}.mlp_ratio or hidden_size",
+                ffn % tp == 0,
+                f"{section}: the MLP width {ffn} (hidden size x mlp_ratio) is not divisible by "
+                f"parallel.tensor_parallel={tp}; adjust {section}.mlp_ratio or the hidden size",
             )
+        _require(
+            self.parallel.pipeline_parallel == 1 or model.is_dual_encoder,
+            f"parallel.pipeline_parallel={self.parallel.pipeline_parallel}: the pipeline form covers the image-text "
+            "dual encoder only so far (no audio encoder, fusion or decoder); train this model with "
+            "parallel.pipeline_parallel=1 (tensor and data parallelism, any ZeRO stage)",
+        )
         _require(
             self.model.text.vocab_size % tp == 0,
             f"model.text.vocab_size={self.model.text.vocab_size} is not divisible by "

@@ -20,7 +20,15 @@ import torch.distributed as dist
 import yaml
 
 from megamm.config import TrainConfig, to_dict
-from megamm.data import Batch, DataPosition, build_train_loader, iter_eval_batches, placeholder_batch
+from megamm.data import (
+    ANSWER_VOCAB,
+    Batch,
+    DataPosition,
+    Tokenizer,
+    build_train_loader,
+    iter_eval_batches,
+    placeholder_batch,
+)
 from megamm.engine import (
     UNIVERSAL_CHECKPOINT_INFO,
     LaunchInfo,
@@ -47,7 +55,7 @@ from megamm.engine import (
     set_aside_abandoned,
     synchronize,
 )
-from megamm.evaluation import retrieval_metrics
+from megamm.evaluation import answer_accuracy, caption_bleu, retrieval_metrics
 from megamm.fileio import atomic_output
 from megamm.flops import image_tokens, model_flops_per_sample
 from megamm.metrics import MetricsWriter, StepTimer, Throughput, host_max_rss_gb
@@ -78,9 +86,22 @@ class TrainState:
     """Candidates consumed by each training stream of every data-parallel rank (stream id -> count)."""
 
 
-def _inputs(batch: Batch) -> Inputs:
+INPUT_FIELDS = {
+    "": ("image", "text_ids", "text_mask"),
+    "audio": ("audio", "audio_lengths", "has_audio"),
+    "qa": ("question_ids", "question_mask", "answer", "answer_ids", "answer_mask"),
+}
+"""The batch fields the model reads: always, and with each data extra (``ModelConfig.data_extras``)."""
+
+
+def _inputs(batch: Batch, extras: Iterable[str] = ()) -> Inputs:
     """The model's inputs of one batch, on the host (the runner moves them)."""
-    return batch["image"], batch["text_ids"], batch["text_mask"]
+    names = [name for extra in ("", *extras) for name in INPUT_FIELDS[extra]]
+    return {name: batch[name] for name in names}  # type: ignore[literal-required]
+
+
+RETRIEVAL_PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
+"""The modality pairs scored for retrieval, where the model embeds both sides."""
 
 
 def _dp_sum(values: list[float], parallel: ParallelState) -> list[float]:
@@ -119,20 +140,24 @@ def evaluate_retrieval(
     parallel: ParallelState,
     placeholder: Batch,
     progress: Optional[Callable[[], None]] = None,
+    extras: Iterable[str] = (),
 ) -> tuple[dict[str, float], int]:
-    """Embed this rank's share of the evaluation set, gather every rank's embeddings and score them.
+    """Embed this rank's share of the evaluation set, gather every rank's embeddings and score
+    retrieval for every modality pair the model embeds (:data:`RETRIEVAL_PAIRS`; a pair over
+    the rows that have both sides).
 
     ``batches`` is streamed (this data-parallel rank's share, e.g. its evaluation shards); ranks
     may hold different numbers of batches. Every data-parallel rank runs the same number of
     forward passes, because ZeRO-3 gathers weights collectively: each round one small
     all-reduce says whether any rank still has a batch, and a rank without one embeds
-    ``placeholder`` and drops the result. Returns the metrics and the number of pairs scored,
-    on every rank (under pipeline parallelism the last stage scores, and shares the result).
+    ``placeholder`` and drops the result. Returns the metrics and the number of image-text pairs
+    scored, on every rank (under pipeline parallelism the last stage scores, and shares the result).
     Non-finite embeddings (a diverged run) count as misses and are reported in the log.
-    ``progress`` is called every round (a watchdog's heartbeat).
+    ``progress`` is called every round (a watchdog's heartbeat). ``extras``: the batch fields
+    the model reads beyond images and captions (``ModelConfig.data_extras``).
     """
-    local_images: list[torch.Tensor] = []
-    local_texts: list[torch.Tensor] = []
+    extras = tuple(extras)
+    local: dict[str, list[torch.Tensor]] = {}
     iterator = iter(batches)
     scored_here = True
     while True:
@@ -141,24 +166,27 @@ def evaluate_retrieval(
         batch = next(iterator, None)
         if not _any_rank(batch is not None, parallel):
             break
-        embeddings = runner.embed(_inputs(batch if batch is not None else placeholder))
+        embeddings = runner.embed(_inputs(batch if batch is not None else placeholder, extras))
         scored_here = embeddings is not None
         if batch is not None and embeddings is not None:
-            local_images.append(embeddings[0].float().cpu())  # (B, E)
-            local_texts.append(embeddings[1].float().cpu())  # (B, E)
-    result = _score(local_images, local_texts, parallel) if scored_here else None
+            for modality, emb in embeddings.items():
+                local.setdefault(modality, []).append(emb.float().cpu())  # (B, E)
+            if "audio" in embeddings:
+                local.setdefault("has_audio", []).append(batch["has_audio"].cpu())  # (B,)
+    result = _score(local, parallel) if scored_here else None
     return runner.share(result)
 
 
-def _score(
-    local_images: list[torch.Tensor], local_texts: list[torch.Tensor], parallel: ParallelState
-) -> tuple[dict[str, float], int]:
+def _score(local: dict[str, list[torch.Tensor]], parallel: ParallelState) -> tuple[dict[str, float], int]:
     """Retrieval metrics over every data-parallel rank's embeddings (collective over the group)."""
-    parts = _dp_gather((local_images, local_texts), parallel)
-    images = torch.cat([tensor for rank_images, _ in parts for tensor in rank_images] or [torch.empty(0)])  # (N, E)
-    texts = torch.cat([tensor for _, rank_texts in parts for tensor in rank_texts] or [torch.empty(0)])  # (N, E)
+    parts = _dp_gather(local, parallel)
+    every = {name: torch.cat([t for part in parts for t in part.get(name, [])] or [torch.empty(0)]) for name in local}
+    images, texts = every.get("image", torch.empty(0)), every.get("text", torch.empty(0))
     if images.shape[0] == 0:
         raise ValueError("the evaluation set is empty; check data.eval_shards")
+    present = {"image": torch.ones(len(images), dtype=torch.bool), "text": torch.ones(len(texts), dtype=torch.bool)}
+    if "audio" in every:
+        present["audio"] = every["has_audio"].bool()
     bad = int((~torch.isfinite(images).all(dim=1) | ~torch.isfinite(texts).all(dim=1)).sum())
     if bad:
         log.warning(
@@ -166,7 +194,77 @@ def _score(
             bad,
             images.shape[0],
         )
-    return retrieval_metrics(images, texts), images.shape[0]
+    metrics: dict[str, float] = {}
+    for first, second in RETRIEVAL_PAIRS:
+        if first in every and second in every:
+            rows = present[first] & present[second]
+            if int(rows.sum()) >= 2:
+                metrics.update(retrieval_metrics(every[first][rows], every[second][rows], names=(first, second)))
+    return metrics, images.shape[0]
+
+
+def evaluate_generation(
+    model: torch.nn.Module,
+    engine: Any,
+    batches: Iterable[Batch],
+    parallel: ParallelState,
+    placeholder: Batch,
+    tokenizer: Tokenizer,
+    progress: Optional[Callable[[], None]] = None,
+) -> dict[str, float]:
+    """Caption BLEU-4 (sacrebleu, against each sample's caption) and VQA accuracy (classified and
+    generated answers) over this rank's share of the evaluation set, combined over the
+    data-parallel group; the metrics the model's objectives make meaningful. Every rank decodes
+    the same number of rounds and steps (ZeRO-3's gathers are collective). Greedy decoding."""
+    objectives = model.config.objectives
+    extras = model.config.data_extras
+    device_ = device()
+    hypotheses: list[str] = []
+    references: list[str] = []
+    predicted: dict[str, list[str]] = {"vqa": [], "vqa_generative": []}
+    answers: list[str] = []
+    iterator = iter(batches)
+    engine.eval()
+    with torch.no_grad():
+        while True:
+            if progress is not None:
+                progress()
+            batch = next(iterator, None)
+            if not _any_rank(batch is not None, parallel):
+                break
+            inputs = {k: v.to(device_) for k, v in _inputs(batch if batch is not None else placeholder, extras).items()}
+            question = {k: inputs.pop(k) for k in INPUT_FIELDS["qa"] if k in inputs}
+            if objectives.captioning > 0:
+                context = {k: inputs[k] for k in ("image", "audio", "audio_lengths", "has_audio") if k in inputs}
+                ids = model.generate(**context)
+                if batch is not None:
+                    hypotheses += [tokenizer.decode(row.tolist()) for row in ids.cpu()]
+                    references += [tokenizer.decode(row.tolist()) for row in batch["text_ids"]]
+            if model.config.uses_questions:
+                asked = question["question_mask"].any(dim=1).cpu()  # (B,)
+                if objectives.vqa > 0:
+                    logits = engine(**inputs, question_ids=question["question_ids"],
+                                    question_mask=question["question_mask"], compute_loss=False)["vqa_logits"]
+                    if batch is not None:
+                        predicted["vqa"] += [ANSWER_VOCAB[i] for i in logits.argmax(dim=1).cpu()[asked].tolist()]
+                if objectives.vqa_generative > 0:
+                    context = {k: inputs[k] for k in ("image", "audio", "audio_lengths", "has_audio") if k in inputs}
+                    ids = model.generate(**context, question_ids=question["question_ids"],
+                                         question_mask=question["question_mask"])
+                    if batch is not None:
+                        predicted["vqa_generative"] += [tokenizer.decode(row.tolist()) for row in ids.cpu()[asked]]
+                if batch is not None:
+                    answers += [tokenizer.decode(row.tolist()) for row in batch["answer_ids"][asked]]
+    engine.train()
+    parts = _dp_gather((hypotheses, references, predicted, answers), parallel)
+    metrics: dict[str, float] = {}
+    if objectives.captioning > 0:
+        metrics["caption_BLEU-4"] = caption_bleu([h for p in parts for h in p[0]], [r for p in parts for r in p[1]])
+    everyone_answers = [a for p in parts for a in p[3]]
+    for name, key in (("vqa", "vqa_accuracy"), ("vqa_generative", "vqa_generative_accuracy")):
+        if getattr(objectives, name) > 0 and everyone_answers:
+            metrics[key] = answer_accuracy([x for p in parts for x in p[2][name]], everyone_answers)
+    return metrics
 
 
 class Trainer:
@@ -185,6 +283,7 @@ class Trainer:
         lock: Optional[RunLock] = None,
         stop: Optional[StopRequest] = None,
         watchdog: Optional[Watchdog] = None,
+        tokenizer: Optional[Tokenizer] = None,
     ) -> None:
         self.runner = runner
         self.engine = runner.engine
@@ -221,6 +320,10 @@ class Trainer:
         self.epoch_here = 0
         """The pass over its shards that this rank's latest batch came from."""
         self.timer = StepTimer(synchronize if self.device.type != "cpu" else None, ("data_wait", *runner.phases))
+        self.extras = config.model.data_extras
+        """The batch fields the model reads beyond images and captions."""
+        self.tokenizer = tokenizer
+        """Decodes generated captions and answers for their evaluation."""
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum_steps`` micro batches; returns the mean local loss.
@@ -239,7 +342,7 @@ class Trainer:
             self.epoch_here = int(batch.get("epoch", 0))
             self.skipped_here += int(batch.get("skipped", 0))
             self.tokens_here += int(batch["text_mask"].sum()) + self.image_tokens * len(batch["keys"])
-            micro_batches.append(_inputs(batch))
+            micro_batches.append(_inputs(batch, self.extras))
         loss = self.runner.train_step(micro_batches, self.timer.phase)
         self.state.step += 1
         return loss
@@ -301,6 +404,11 @@ class Trainer:
         peak = self.config.logging.peak_tflops
         if peak > 0:
             scalars["train/mfu"] = tflops / (peak * self.parallel.world_size)
+        objective_losses = getattr(self.runner, "objective_losses", {})
+        if len(objective_losses) > 1:  # each objective's own loss, averaged over data-parallel ranks (last step)
+            names = sorted(objective_losses)
+            values = _dp_sum([objective_losses[name] for name in names], self.parallel)
+            scalars.update({f"train/loss_{name}": value / self.parallel.dp_size for name, value in zip(names, values)})
         if self.timer.enabled:
             scalars.update({f"time/{name}_ms": 1e3 * value for name, value in self.timer.seconds.items()})
         if self.device.type == "cuda":
@@ -326,8 +434,17 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         doing = f"evaluating at step {self.state.step}"
         metrics, self.eval_samples = evaluate_retrieval(
-            self.runner, self.eval_batches(), self.parallel, self.placeholder, lambda: self._progress(doing)
+            self.runner, self.eval_batches(), self.parallel, self.placeholder, lambda: self._progress(doing), self.extras
         )
+        model = self.engine.module
+        generates = isinstance(model, MultiModalTransformer) and (model.decoder is not None or model.config.objectives.vqa > 0)
+        if generates and self.tokenizer is not None:
+            metrics.update(
+                evaluate_generation(
+                    model, self.engine, self.eval_batches(), self.parallel, self.placeholder, self.tokenizer,
+                    lambda: self._progress(doing),
+                )  # fmt: skip
+            )
         self.writer.scalars({f"eval/{name}": value for name, value in metrics.items()}, self.state.step)
         self.writer.flush()
         log.info(
@@ -584,7 +701,9 @@ def _train(
     elif plan.resume_from is not None and (config.model.dropout or config.model.attention_dropout):
         log.warning("%s holds no random state for this device: dropout's streams start afresh", plan.resume_from)
     watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("waiting for the first batch")
-    trainer = Trainer(runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog)
+    trainer = Trainer(
+        runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog, plan.tokenizer
+    )
     # Until here a stop signal ends the process at once (its default action): there is nothing new
     # to save, and a rank blocked in start-up (a rendezvous, a collective) would not see a flag.
     stop.install()
@@ -602,6 +721,11 @@ def _train(
             f"image->text R@1 {metrics['image_to_text_R@1']:.3f}",
             flush=True,
         )
+        more = [f"{name} {metrics[name]:.3f}" for name in sorted(metrics) if name.endswith("R@1") and "text_to_image" not in name and "image_to_text" not in name]
+        more += [f"caption BLEU-4 {metrics['caption_BLEU-4']:.1f}"] if "caption_BLEU-4" in metrics else []
+        more += [f"{name.replace('_', ' ')} {metrics[name]:.3f}" for name in ("vqa_accuracy", "vqa_generative_accuracy") if name in metrics]
+        if more:
+            print("held-out: " + ", ".join(more), flush=True)
         print(f"look at the run: tensorboard --logdir {config.logging.tensorboard_dir}", flush=True)
     dist.barrier()
     return metrics

@@ -77,7 +77,7 @@ def _mean_std(values: list[float], decimals: int) -> str:
 
 def test_grid_of_variants_and_seeds(data: list[str], tmp_path: Path) -> None:
     out = tmp_path / "lr"
-    result = _ablate(["--config", "tiny", "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", "--seeds", "0", "1",
+    result = _ablate(["--config", "clip_tiny", "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", "--seeds", "0", "1",
                       "--parallel", "2", "--target", f"text_to_image_R@1={TARGET}", "--", *SHORT_RUN, *data])
     assert result.returncode == 0, result.stdout[-4000:]
 
@@ -91,7 +91,7 @@ def test_grid_of_variants_and_seeds(data: list[str], tmp_path: Path) -> None:
     header, table = _table(markdown)
     assert header[:2] == ["Variant", "Seeds (ok/failed)"] and "Steps to target" in header
     assert sorted(table) == ["optim.lr=1e-3", "optim.lr=3e-3"] and markdown.count("\n| `") == 2
-    assert "python tools/ablate.py --config tiny" in markdown and "torch" in markdown
+    assert "python tools/ablate.py --config clip_tiny" in markdown and "torch" in markdown
 
     runs = report["runs"]
     assert len(runs) == 4 and all(run["status"] == "ok" for run in runs)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_recipe_and_overrides_layer_in_order(tmp_path: Path) -> None:
     assert load_config().model.text.hidden_size == TrainConfig().model.text.hidden_size
-    tiny = load_config("tiny")
+    tiny = load_config("clip_tiny")
     assert tiny.model.text.hidden_size == 64  # from the recipe, not the default (128)
     recipe = tmp_path / "mine.yaml"
     recipe.write_text("optim:\n  lr: 0.5\ntrain_steps: 7\n")
@@ -54,12 +54,12 @@ def test_parse_overrides_builds_nested_tree() -> None:
 )
 def test_invalid_values_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config("tiny", overrides)
+        load_config("clip_tiny", overrides)
 
 
 def test_attention_kernels_per_tower_and_per_layer() -> None:
     model = load_config(
-        "tiny",
+        "clip_tiny",
         ["model.image.attention.layers=local, linear", "model.image.attention.window=5",
          "model.text.attention.kind=block_sparse", "model.text.attention.block_size=8"],
     ).model  # fmt: skip
@@ -68,18 +68,18 @@ def test_attention_kernels_per_tower_and_per_layer() -> None:
     assert model.image.attention.options("linear") == {"feature_map": "elu"}
     assert model.text.attention.kinds(2) == ["block_sparse"] * 2
     assert model.text.attention.options("block_sparse") == {"block_size": 8, "num_neighbors": 1, "num_global_blocks": 0}
-    assert load_config("tiny").model.text.attention.kinds(2) == ["full", "full"]
+    assert load_config("clip_tiny").model.text.attention.kinds(2) == ["full", "full"]
 
 
 def test_world_size_must_divide_by_tensor_parallel() -> None:
-    config = load_config("tiny", ["parallel.tensor_parallel=2"])
+    config = load_config("clip_tiny", ["parallel.tensor_parallel=2"])
     assert config.parallel.data_parallel_size(4) == 2
     with pytest.raises(ConfigError, match="parallel.tensor_parallel=2"):
         config.parallel.data_parallel_size(3)
 
 
 def test_ds_config_takes_batch_sizes_from_megamm_config() -> None:
-    config = load_config("tiny", ["micro_batch_size=8", "grad_accum_steps=3", "precision=bf16"])
+    config = load_config("clip_tiny", ["micro_batch_size=8", "grad_accum_steps=3", "precision=bf16"])
     ds = build_ds_config({"zero_optimization": {"stage": 3}}, config, dp_size=4)
     assert ds["train_batch_size"] == 8 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["zero_optimization"]["stage"] == config.parallel.zero_stage and ds["bf16"]["enabled"]
@@ -89,9 +89,9 @@ def test_ds_config_takes_batch_sizes_from_megamm_config() -> None:
 
 def test_single_process_runs_zero_stage_0() -> None:
     """ZeRO partitions over ranks: one process has nothing to partition; any other world keeps the stage."""
-    single = load_config("tiny", ["parallel.zero_stage=3"])
+    single = load_config("clip_tiny", ["parallel.zero_stage=3"])
     assert build_ds_config({}, single, dp_size=1)["zero_optimization"]["stage"] == 0
-    tensor_parallel = load_config("tiny", ["parallel.zero_stage=3", "parallel.tensor_parallel=2"])
+    tensor_parallel = load_config("clip_tiny", ["parallel.zero_stage=3", "parallel.tensor_parallel=2"])
     assert build_ds_config({}, tensor_parallel, dp_size=1)["zero_optimization"]["stage"] == 3
     assert build_ds_config({}, single, dp_size=2)["zero_optimization"]["stage"] == 3
 
@@ -108,7 +108,7 @@ def test_launcher_rejects_bad_config_before_any_process_group(world: str, overri
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE=world, RANK="0", LOCAL_RANK="0")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "tiny", *overrides],
+        [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "clip_tiny", *overrides],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -125,11 +125,11 @@ def test_launcher_rejects_bad_config_before_any_process_group(world: str, overri
 
 def test_a_key_given_twice_is_refused_with_a_quoting_hint() -> None:
     with pytest.raises(ConfigError, match="train_steps is given twice"):
-        load_config("tiny", ["train_steps=5", "train_steps=7"])
+        load_config("clip_tiny", ["train_steps=5", "train_steps=7"])
     # What bash makes of an unquoted data.train_shards=dir/shard-{000000..000001}.tar
     expanded = ["data.train_shards=dir/shard-000000.tar", "data.train_shards=dir/shard-000001.tar"]
     with pytest.raises(ConfigError, match=r"given twice.*quote it"):
-        load_config("tiny", expanded)
+        load_config("clip_tiny", expanded)
 
 
 @pytest.mark.parametrize(
@@ -147,11 +147,11 @@ def test_a_key_given_twice_is_refused_with_a_quoting_hint() -> None:
 )
 def test_values_that_used_to_be_accepted_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config("tiny", [override])
+        load_config("clip_tiny", [override])
 
 
 def test_float_overrides_still_parse() -> None:
-    config = load_config("tiny", ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "optim.grad_clip=0"])
+    config = load_config("clip_tiny", ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "optim.grad_clip=0"])
     assert config.optim.lr == 1e-3 and config.optim.betas == (0.9, 0.95) and config.optim.grad_clip == 0.0
 
 
@@ -175,7 +175,7 @@ def test_a_recipe_with_a_yaml_syntax_error_is_named(tmp_path) -> None:
     ],
 )
 def test_ds_template_never_overridden_silently(template: dict, message: str) -> None:
-    config = load_config("tiny")
+    config = load_config("clip_tiny")
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_ds_config(template, config, dp_size=2)
 
@@ -183,7 +183,7 @@ def test_ds_template_never_overridden_silently(template: dict, message: str) -> 
 def test_ds_template_may_repeat_agreeing_values_and_must_be_an_object(tmp_path) -> None:
     from megamm.engine import load_template
 
-    config = load_config("tiny", ["optim.grad_clip=0.5"])
+    config = load_config("clip_tiny", ["optim.grad_clip=0.5"])
     ds = build_ds_config({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}, config, dp_size=2)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
     array = tmp_path / "array.json"
@@ -192,4 +192,4 @@ def test_ds_template_may_repeat_agreeing_values_and_must_be_an_object(tmp_path) 
         load_template(array)
     for shipped in sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json")):
         stage = load_template(shipped)["zero_optimization"]["stage"]
-        build_ds_config(load_template(shipped), load_config("tiny", [f"parallel.zero_stage={stage}"]), dp_size=2)
+        build_ds_config(load_template(shipped), load_config("clip_tiny", [f"parallel.zero_stage={stage}"]), dp_size=2)

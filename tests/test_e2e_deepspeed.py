@@ -52,7 +52,7 @@ def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
         parallel__tensor_parallel="2", train_steps=str(STEPS), optim__warmup_steps="5", logging__log_interval="1",
         logging__peak_tflops="0.5", eval_interval="10", checkpoint__save_interval="10", checkpoint__keep_last="5",
     )
-    args = ["--config", "tiny", "--resume", resume, *overrides(data, run_dir, **changes)]
+    args = ["--config", "clip_tiny", "--resume", resume, *overrides(data, run_dir, **changes)]
     result = run(deepspeed_command(4, args), run_dir.with_suffix(".log"))
     assert result.returncode == 0, result.stdout[-4000:]
     return result
@@ -87,7 +87,7 @@ def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: P
     full = tmp_path / "full"
     result = _train(data, full)
     assert "tp=2 dp=2 zero=3" in result.stdout
-    parameters = sum(p.numel() for p in MultiModalTransformer(load_config("tiny").model).parameters())  # TP=1
+    parameters = sum(p.numel() for p in MultiModalTransformer(load_config("clip_tiny").model).parameters())  # TP=1
     assert f"model: {parameters / 1e6:.2f}M parameters (" in result.stdout
     assert "text->image R@1" in result.stdout
     # One evaluation shard over 2 data-parallel ranks: rank 1 embeds placeholders; 48 pairs, once each.
@@ -125,7 +125,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(data: dict[str, str], tmp_pa
     result = run(
         deepspeed_command(
             2,
-            ["--config", "tiny", "--resume", "none", f"checkpoint.dir={tmp_path / 'run/checkpoints'}"]
+            ["--config", "clip_tiny", "--resume", "none", f"checkpoint.dir={tmp_path / 'run/checkpoints'}"]
             + [f"{k}={v}" for k, v in data.items()],
         ),
         tmp_path / "refuse.log",
@@ -166,7 +166,7 @@ def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: P
         "checkpoint.dir": str(tmp_path / "checkpoints"),
         "logging.tensorboard_dir": str(tmp_path / "tensorboard"),
     }
-    command = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "tiny"]
+    command = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "clip_tiny"]
     result = run(command + [f"{k}={v}" for k, v in overrides.items()], tmp_path / "single.log", timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "1 ranks: tp=1 dp=1 zero=0" in result.stdout  # ZeRO-3 asked for; nothing to partition

@@ -38,7 +38,7 @@ def _clamp_run(rank: int, world: int, stage: int) -> None:
     import os
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # what DeepSpeed asks for
-    config = load_config("tiny", ["micro_batch_size=4", f"model.logit_scale_init={CAP + 1}",
+    config = load_config("clip_tiny", ["micro_batch_size=4", f"model.logit_scale_init={CAP + 1}",
                                   f"model.logit_scale_max={CAP}", "optim.warmup_steps=0"])
     parallel = ParallelState.initialize(tensor_parallel=1)
     torch.manual_seed(0)

@@ -132,7 +132,7 @@ def _attention_flops(config: ModelConfig) -> int:
 CASES = [
     pytest.param(one_block_config(), 3, False, id="one-block-full-mask"),
     pytest.param(one_block_config(), 3, True, id="one-block-partial-mask"),
-    pytest.param(load_config("tiny").model, 4, True, id="tiny-partial-mask"),
+    pytest.param(load_config("clip_tiny").model, 4, True, id="tiny-partial-mask"),
 ]
 
 
@@ -159,7 +159,7 @@ def test_training_matches_flop_counter(config: ModelConfig, batch: int, partial_
 
 def test_default_cpu_sdpa_is_not_counted_by_flop_counter() -> None:
     """Documents why the tests above force or map the attention kernel."""
-    config, batch = load_config("tiny").model, 4
+    config, batch = load_config("clip_tiny").model, 4
     count = model_flops_per_sample(config, global_batch=batch)
     counted = _counted(config, batch, partial_mask=True, backward=False, attention="default")
     assert counted == count.forward - _attention_flops(config)
@@ -167,7 +167,7 @@ def test_default_cpu_sdpa_is_not_counted_by_flop_counter() -> None:
 
 def test_tiny_forward_flops() -> None:
     """The tiny recipe's numbers, for reference (global batch 4)."""
-    count = model_flops_per_sample(load_config("tiny").model, global_batch=4)
+    count = model_flops_per_sample(load_config("clip_tiny").model, global_batch=4)
     assert count.breakdown == {
         "image_patch_embedding": 393_216,
         "image_blocks": 14_942_720,

@@ -64,7 +64,7 @@ def _workdir(path: Path) -> Path:
 def _script_args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
     """pretrain.py and its arguments: TP=2 on 4 ranks, absolute paths (the launch runs in a work dir)."""
     return [
-        PRETRAIN, "--config", "tiny", "--ds-config", str(ROOT / "ds_configs/zero3.json"),
+        PRETRAIN, "--config", "clip_tiny", "--ds-config", str(ROOT / "ds_configs/zero3.json"),
         *overrides(data, run_dir, parallel__tensor_parallel="2", logging__log_interval="1", **changes),
     ]
 

@@ -44,7 +44,7 @@ def _late_loss(model: torch.nn.Module, data: InMemoryData, seed: int) -> float:
 
 
 def _models(init: str, token_std: float, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    config = load_config("tiny", [f"model.init={init}", f"model.token_embedding_std={token_std}"]).model
+    config = load_config("clip_tiny", [f"model.init={init}", f"model.token_embedding_std={token_std}"]).model
     torch.manual_seed(seed)
     megamm_model = MultiModalTransformer(config)
     torch.manual_seed(seed)
@@ -68,7 +68,7 @@ def test_fixed_small_init_is_the_slow_scheme(train_data: InMemoryData) -> None:
 def test_weight_scales_follow_fan_in() -> None:
     """Empirical stds against the naive formula 1/sqrt(fan_in) (residual outputs / sqrt(2L))."""
     config = load_config(
-        "tiny", ["model.text.hidden_size=256", "model.image.hidden_size=256", "model.text.num_layers=3"]
+        "clip_tiny", ["model.text.hidden_size=256", "model.image.hidden_size=256", "model.text.num_layers=3"]
     ).model
     torch.manual_seed(0)
     model = MultiModalTransformer(config)
@@ -91,4 +91,4 @@ def test_init_scheme_is_validated() -> None:
     from megamm.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.init="):
-        load_config("tiny", ["model.init=xavier"])
+        load_config("clip_tiny", ["model.init=xavier"])

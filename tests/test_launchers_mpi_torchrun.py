@@ -18,7 +18,7 @@ RANKS = 4
 
 
 def _args(data: dict[str, str], run_dir: Path) -> list[str]:
-    return ["--config", "tiny", *overrides(data, run_dir, parallel__tensor_parallel="2", logging__log_interval="1")]
+    return ["--config", "clip_tiny", *overrides(data, run_dir, parallel__tensor_parallel="2", logging__log_interval="1")]
 
 
 def _check(run_dir: Path, output: str, reference: Path) -> None:

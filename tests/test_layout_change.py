@@ -34,7 +34,7 @@ COMMON = {
 
 def _args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
     values = {**COMMON, **changes}
-    return ["--config", "tiny", *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in values.items()})]
+    return ["--config", "clip_tiny", *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in values.items()})]
 
 
 def _train(data: dict[str, str], run_dir: Path, ranks: int, log: Path, **changes: str) -> str:
@@ -162,7 +162,7 @@ def _check_split_patterns(rank: int, world: int) -> None:
     from megamm.model.pipeline import layer_specs
     from megamm.parallel import ParallelState
 
-    config = load_config("tiny", []).model
+    config = load_config("clip_tiny", []).model
     parallel = ParallelState.initialize(tensor_parallel=world)
     named = list(MultiModalTransformer(config, parallel).named_parameters())
     for index, spec in enumerate(layer_specs(config, parallel, weight_init(config, 0))):
@@ -198,7 +198,7 @@ def _check_parameter_names(rank: int, world: int) -> None:
     from megamm.parallel import ParallelState
 
     # Towers of unlike depth and width, so that no block or head could pass for another.
-    config = load_config("tiny", ["model.image.num_layers=3", "model.text.num_layers=1", "model.text.hidden_size=32"]).model
+    config = load_config("clip_tiny", ["model.image.num_layers=3", "model.text.num_layers=1", "model.text.hidden_size=32"]).model
     os.environ.setdefault("LOCAL_RANK", str(rank))  # read by PipelineModule
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # joins the group already there
     parallel = ParallelState.initialize(tensor_parallel=1, pipeline_parallel=1)

@@ -51,7 +51,7 @@ def _command(data: dict[str, str], run_dir: Path, ranks: int, dp: int, changes: 
         "data.global_batches": "true",
         **changes,
     }
-    args = ["--config", "tiny", *options, *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in values.items()})]
+    args = ["--config", "clip_tiny", *options, *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in values.items()})]
     return deepspeed_command(ranks, args)
 
 

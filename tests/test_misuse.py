@@ -35,7 +35,7 @@ LOCK = "megamm.lock"
 def finished_run(data: dict[str, str], tmp_path_factory) -> Path:
     """A run directory with checkpoints at steps 2 and 4 and its TensorBoard events."""
     run_dir = tmp_path_factory.mktemp("run")
-    result = pretrain(["--config", "tiny", *overrides(data, run_dir)])
+    result = pretrain(["--config", "clip_tiny", *overrides(data, run_dir)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
     assert not (run_dir / "checkpoints" / LOCK).exists(), "the lock outlived the run"
@@ -150,7 +150,7 @@ def test_refused_start_changes_nothing(
     def fill(text: str) -> str:
         return text.format(**names)
 
-    options = ["--config", fill(changes.get("--config", "tiny"))]
+    options = ["--config", fill(changes.get("--config", "clip_tiny"))]
     if "--ds-config" in changes:
         options += ["--ds-config", fill(changes["--ds-config"])]
     args = overrides(data, run_dir, **{k: v if v is None else fill(v) for k, v in changes.items() if k.isidentifier() and k != "env"})
@@ -176,7 +176,7 @@ def test_startup_names_split_sizes_and_the_incomplete_checkpoint_it_skips(
     partial = run_dir / "checkpoints" / "global_step6"
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
-    result = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="6", checkpoint__save_interval="100")])
+    result = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="6", checkpoint__save_interval="100")])
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert "data.train_shards: 4 shards, 128 samples; 4 per data-parallel rank" in log
@@ -204,7 +204,7 @@ def test_checkpoint_from_before_a_new_setting_resumes_at_its_default(
                          ("data", "global_batches")):
         del marker["config"][section][key]
     marker_path.write_text(json.dumps(marker))
-    result = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="5", checkpoint__save_interval="100")])
+    result = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="5", checkpoint__save_interval="100")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 4" in result.stderr and "model.dropout" not in result.stderr
 
@@ -217,7 +217,7 @@ def test_launcherless_run_chooses_a_free_port(data: dict[str, str], tmp_path: Pa
             taken.listen()
         except OSError:
             pass  # taken already: the run must still start
-        result = pretrain(["--config", "tiny", *overrides(data, tmp_path, train_steps="1")])
+        result = pretrain(["--config", "clip_tiny", *overrides(data, tmp_path, train_steps="1")])
     finally:
         taken.close()
     assert result.returncode == 0, result.stderr[-3000:]
@@ -226,7 +226,7 @@ def test_launcherless_run_chooses_a_free_port(data: dict[str, str], tmp_path: Pa
 def test_help_names_only_existing_recipes() -> None:
     result = subprocess.run([sys.executable, PRETRAIN, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "--config base" not in result.stdout and "--config tiny" in result.stdout
+    assert "--config base" not in result.stdout and "--config clip_tiny" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_second_run_is_refused_while_the_first_lives_and_proceeds_after_kill_9(
     run_dir = tmp_path / "run"
     lock = run_dir / "checkpoints" / LOCK
     first_log = tmp_path / "first.log"
-    first = _start(["--config", "tiny", *overrides(data, run_dir, train_steps="1000000",
+    first = _start(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="1000000",
                                                    checkpoint__save_interval="2")], first_log)
     try:
         _wait_for(lambda: "saved checkpoint" in first_log.read_text(), 180, "a checkpoint", first, first_log)
@@ -265,13 +265,13 @@ def test_second_run_is_refused_while_the_first_lives_and_proceeds_after_kill_9(
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
         before = digest(run_dir)
 
-        second = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="4")])
+        second = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="4")])
         _assert_refused(second, "checkpoint.dir ", str(run_dir / "checkpoints"), f"PID {first.pid}", socket.gethostname())
         assert digest(run_dir) == before
 
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
-        restarted = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="4")])
+        restarted = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="4")])
         assert restarted.returncode == 0, restarted.stderr[-3000:]
         assert f"PID {first.pid}" in restarted.stderr, "the takeover of the dead run's lock is not logged"
         assert not lock.exists()
@@ -285,7 +285,7 @@ def test_a_run_whose_lock_is_taken_over_stops_before_its_next_save(data: dict[st
     run_dir = tmp_path / "run"
     lock = run_dir / "checkpoints" / LOCK
     log_path = tmp_path / "run.log"
-    process = _start(["--config", "tiny", *overrides(data, run_dir, train_steps="1000000")], log_path)
+    process = _start(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="1000000")], log_path)
     try:
         _wait_for(lambda: "saved checkpoint" in log_path.read_text(), 180, "a checkpoint", process, log_path)
         process.send_signal(signal.SIGSTOP)
@@ -310,7 +310,7 @@ def test_a_run_whose_lock_is_taken_over_stops_before_its_next_save(data: dict[st
 
 
 def test_port_in_use_under_the_launcher_is_named(data: dict[str, str], tmp_path: Path, listener: int) -> None:
-    command = deepspeed_command(2, ["--config", "tiny", *overrides(data, tmp_path / "run")])
+    command = deepspeed_command(2, ["--config", "clip_tiny", *overrides(data, tmp_path / "run")])
     command[command.index("--master_port") + 1] = str(listener)
     result = run(command, tmp_path / "launch.log", timeout=300)
     assert result.returncode == 2, result.stdout[-3000:]
@@ -327,7 +327,7 @@ def test_a_failing_rank_is_named_first_and_the_job_fails(data: dict[str, str], t
             shutil.copy(source, shards / source.name)
         else:  # data-parallel rank 1 of 2 reads shards 1 and 3: only bad samples
             write_bad_shard(shards / source.name, 16)
-    args = ["--config", "tiny", *overrides(data, tmp_path / "run", data__train_shards=str(shards))]
+    args = ["--config", "clip_tiny", *overrides(data, tmp_path / "run", data__train_shards=str(shards))]
     result = run(deepspeed_command(2, args), tmp_path / "launch.log", timeout=300)
     assert result.returncode != 0, result.stdout[-3000:]
     lines = result.stdout.splitlines()

@@ -295,7 +295,7 @@ def test_contrastive_loss_dp2_matches_global_loss(tmp_path) -> None:
 
 
 def _model_parity(rank: int, world: int) -> None:
-    config = load_config("tiny", ["parallel.tensor_parallel=2"]).model
+    config = load_config("clip_tiny", ["parallel.tensor_parallel=2"]).model
     state = ParallelState.initialize(tensor_parallel=world)
     torch.manual_seed(1)
     reference = MultiModalTransformer(config, ParallelState.single())
@@ -466,7 +466,7 @@ def test_checkpoint_replays_both_random_streams() -> None:
 def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients() -> None:
     """The model with activation checkpointing runs every block twice per training step (forward,
     then recompute) and gives the same loss and gradients; evaluation runs each block once."""
-    config = load_config("tiny").model
+    config = load_config("clip_tiny").model
     batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 200, (4, 24)), torch.ones(4, 24, dtype=torch.bool))
     results = []
     for enabled in (False, True):

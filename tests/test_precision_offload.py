@@ -17,7 +17,7 @@ from tests.launch import ROOT, deepspeed_command, overrides, run, tensorboard_ev
 
 
 def _train(data: dict[str, str], run_dir: Path, template: str, precision: str, **changes: str) -> dict[int, float]:
-    args = ["--config", "tiny", "--ds-config", str(ROOT / "ds_configs" / template),
+    args = ["--config", "clip_tiny", "--ds-config", str(ROOT / "ds_configs" / template),
             *overrides(data, run_dir, precision=precision, logging__log_interval="1", **changes)]
     result = run(deepspeed_command(2, args), run_dir.with_suffix(".log"), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]

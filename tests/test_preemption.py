@@ -23,7 +23,7 @@ STEPS = 16
 
 def _args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
     common = dict(train_steps=str(STEPS), checkpoint__save_interval="100", logging__log_interval="1", **changes)
-    return ["--config", "tiny", *overrides(data, run_dir, **common)]
+    return ["--config", "clip_tiny", *overrides(data, run_dir, **common)]
 
 
 def _wait_for_group_exit(group: int, timeout: float) -> None:
@@ -137,7 +137,7 @@ def _rank_pid(run_dir: Path, local_rank: int) -> int:
 def test_a_rank_killed_with_9_ends_the_job_nonzero_and_the_rerun_resumes(data: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     log_path = tmp_path / "killed.log"
-    args = ["--config", "tiny", *overrides(data, run_dir, train_steps="100000", checkpoint__save_interval="2")]
+    args = ["--config", "clip_tiny", *overrides(data, run_dir, train_steps="100000", checkpoint__save_interval="2")]
     runner = _start(args, log_path)
     try:
         _wait_for_log(runner, log_path, "global_step4")
@@ -163,7 +163,7 @@ def test_a_rank_killed_with_9_ends_the_job_nonzero_and_the_rerun_resumes(data: d
     (torn / MARKER).unlink()
     for shard in torn.glob("*_optim_states.pt"):
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    rerun = run(deepspeed_command(2, ["--config", "tiny", *overrides(data, run_dir, train_steps=str(step + 2))]),
+    rerun = run(deepspeed_command(2, ["--config", "clip_tiny", *overrides(data, run_dir, train_steps=str(step + 2))]),
                 tmp_path / "rerun.log")
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert f"resumed from {newest} at step {step}" in rerun.stdout, "--resume auto must pass over the torn tag"
@@ -178,7 +178,7 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(data: dict[st
     run_dir = tmp_path / "hung"
     log_path = tmp_path / "hung.log"
     timeout_s = 10
-    args = ["--config", "tiny", *overrides(data, run_dir, train_steps="100000", parallel__collective_timeout_s=str(timeout_s))]
+    args = ["--config", "clip_tiny", *overrides(data, run_dir, train_steps="100000", parallel__collective_timeout_s=str(timeout_s))]
     runner = _start(args, log_path)
     try:
         _wait_for_log(runner, log_path, r"step \d+/100000")
@@ -206,7 +206,7 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(data: dic
     run_dir = tmp_path / "full"
     checkpoints, kept = run_dir / "checkpoints", tmp_path / "kept"
     checkpoints.mkdir(parents=True)
-    command = deepspeed_command(2, ["--config", "tiny", *overrides(data, run_dir)])  # saves at steps 2 and 4
+    command = deepspeed_command(2, ["--config", "clip_tiny", *overrides(data, run_dir)])  # saves at steps 2 and 4
     # A private mount namespace: the small filesystem exists for this job only; what it holds at
     # the end is copied out for the checks below.
     script = 'mount -t tmpfs -o size=4m megamm-test "$1" && shift 2 && "$@"; code=$?; cp -a "$0/." "$KEPT/"; exit $code'

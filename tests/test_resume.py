@@ -16,7 +16,7 @@ from tests.launch import deepspeed_command, digest, overrides, pretrain, run, wr
 
 
 def _train(data: dict[str, str], run_dir: Path, *options: str, **changes: str) -> str:
-    result = pretrain(["--config", "tiny", *options, *overrides(data, run_dir, **changes)])
+    result = pretrain(["--config", "clip_tiny", *options, *overrides(data, run_dir, **changes)])
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 
@@ -96,7 +96,7 @@ def test_resume_refuses_another_data_stream_unless_told_to_restart_it(data: dict
     run_dir = tmp_path / "run"
     _train(data, run_dir, train_steps="2")
     before = digest(run_dir)
-    refused = pretrain(["--config", "tiny", *overrides(data, run_dir, train_steps="4", data__num_workers="2")])
+    refused = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="4", data__num_workers="2")])
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "saved reading another training data stream (data.num_workers changed: loader_workers 1 -> 2)" in refused.stderr
     assert "--restart-data" in refused.stderr and digest(run_dir) == before
@@ -128,7 +128,7 @@ def test_samples_skipped_survives_resume_under_zero_1(data: dict[str, str], tmp_
     write_bad_shard(shards / "shard-000004.tar", 7)  # shards[0::2] -> rank 0: 000000, 000002 and this one
     common = dict(data__train_shards=str(shards), parallel__zero_stage="1", logging__log_interval="1",
                   train_steps="12", checkpoint__save_interval="6", checkpoint__keep_last="3")
-    args = ["--config", "tiny", "--ds-config", "ds_configs/zero1.json"]
+    args = ["--config", "clip_tiny", "--ds-config", "ds_configs/zero1.json"]
     full = run(deepspeed_command(2, [*args, *overrides(data, tmp_path / "full", **common)]), tmp_path / "full.log")
     assert full.returncode == 0, full.stdout[-3000:]
     uninterrupted = _skipped(tmp_path / "full" / "tensorboard")

@@ -25,7 +25,7 @@ SBATCH = ["--nodes=2", "--ntasks-per-node=2", "--time=10"]
 
 def _submit(cluster: SlurmCluster, data: dict[str, str], run_dir: Path) -> tuple[int, Path]:
     output = run_dir.with_suffix(".out")
-    args = ["--config", "tiny", *overrides(
+    args = ["--config", "clip_tiny", *overrides(
         data, run_dir, train_steps=str(STEPS), parallel__tensor_parallel="2", checkpoint__save_interval="100",
         logging__log_interval="1",
     )]

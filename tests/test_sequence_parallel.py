@@ -41,7 +41,7 @@ TEXT_LENGTH = 22  # divisible by 2, not by 4: the text stream is padded at TP 4 
 
 def _config(*overrides: str) -> ModelConfig:
     length = f"model.text.max_length={TEXT_LENGTH}", f"data.max_text_length={TEXT_LENGTH}"
-    return load_config("tiny", [*length, *overrides]).model
+    return load_config("clip_tiny", [*length, *overrides]).model
 
 
 def _inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -340,13 +340,13 @@ def test_dropout_masks_follow_megatron_streams_and_checkpointing_replays_them(tm
 @pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
 def test_dropout_must_be_a_probability(field: str, value: str) -> None:
     with pytest.raises(ConfigError, match=rf"model\.{field}={value} is not a probability in \[0, 1\)"):
-        load_config("tiny", [f"model.{field}={value}"])
+        load_config("clip_tiny", [f"model.{field}={value}"])
 
 
 def test_sequence_parallel_is_a_no_op_in_one_process() -> None:
-    config = load_config("tiny", ["parallel.sequence_parallel=true", "model.dropout=0.1"])
+    config = load_config("clip_tiny", ["parallel.sequence_parallel=true", "model.dropout=0.1"])
     assert config.parallel.sequence_parallel and config.model.dropout == 0.1
-    assert not load_config("tiny").parallel.sequence_parallel and load_config("tiny").model.attention_dropout == 0.0
+    assert not load_config("clip_tiny").parallel.sequence_parallel and load_config("clip_tiny").model.attention_dropout == 0.0
     model_config = _config()
     inputs = _inputs(model_config)
     single = ParallelState.single()

@@ -109,7 +109,7 @@ def _decayed(model: nn.Module) -> list[int]:
 
 def _run(rank: int, world: int, out: str) -> None:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # what DeepSpeed asks for
-    config = load_config("tiny", [f"micro_batch_size={BATCH}", "optim.warmup_steps=0", "parallel.tensor_parallel=2",
+    config = load_config("clip_tiny", [f"micro_batch_size={BATCH}", "optim.warmup_steps=0", "parallel.tensor_parallel=2",
                                   "parallel.zero_stage=3"])  # fmt: skip
     parallel = ParallelState.initialize(tensor_parallel=2)
     ds_config = build_ds_config({}, config, parallel.dp_size)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run an ablation: config variants x seeds of launchers/pretrain.py, then tabulate and plot.
 
-    python tools/ablate.py --config tiny --out docs/ablations/lr --grid optim.lr=1e-3,3e-3 \\
+    python tools/ablate.py --config clip_tiny --out docs/ablations/lr --grid optim.lr=1e-3,3e-3 \\
         --variant "fixed-init: model.init=fixed" --seeds 0 1 2 --parallel 2 \\
         --target text_to_image_R@1=0.3 -- train_steps=300
 
@@ -120,7 +120,7 @@ class Outcome:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line (see the module docstring), with variants expanded and the target parsed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="recipe name or YAML path (default: tiny)")
+    parser.add_argument("--config", default="clip_tiny", help="recipe name or YAML path (default: clip_tiny)")
     parser.add_argument("--out", required=True, type=Path, help="output directory, e.g. docs/ablations/NAME")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="grid axis (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar='"LABEL: K=V ..."',

@@ -3,7 +3,7 @@
 
 One job of 2 ranks (the real ``deepspeed`` launcher on 127.0.0.1, gloo on CPU) builds megamm's
 ``MultiModalTransformer`` at about ``--params`` parameters (both towers ``hidden`` wide and
-``hidden / 85`` deep, heads of 64, on the ``tiny`` recipe), wraps it with
+``hidden / 85`` deep, heads of 64, on the ``clip_tiny`` recipe), wraps it with
 ``megamm.engine.build_engine`` under ZeRO-3 at DP=2 with megamm's DeepSpeed config builder, trains
 on random batches of the model's input shapes, and saves and loads with
 ``megamm.engine.save_checkpoint`` / ``load_checkpoint``: the code path of training (DeepSpeed's
@@ -867,7 +867,7 @@ def parent_main(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=parse_count, default=parse_count("300M"), help="model size, e.g. 300M, 5M")
-    parser.add_argument("--config", default="tiny", help="recipe name or YAML path")
+    parser.add_argument("--config", default="clip_tiny", help="recipe name or YAML path")
     parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3.json"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--save-every", type=int, default=3, help="training steps per repeat; the last one saves (>= 2)")

@@ -487,7 +487,7 @@ def _plot(results: dict[str, list[RunResult]], target: float, path: Path) -> Non
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="recipe name or YAML path")
+    parser.add_argument("--config", default="clip_tiny", help="recipe name or YAML path")
     parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3.json"))
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--global-batch", type=int, default=64)

@@ -450,7 +450,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--malloc-mmap-threshold", type=int, nargs="+", default=[0],
                         help="glibc MALLOC_MMAP_THRESHOLD_ values (bytes) to build under; 0: glibc's dynamic default")
     parser.add_argument("--repeats", type=int, default=3, help="launches per measurement")
-    parser.add_argument("--config", default="tiny", help="recipe name or YAML path")
+    parser.add_argument("--config", default="clip_tiny", help="recipe name or YAML path")
     parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3.json"))
     parser.add_argument("--out", default="runs/build_memory", help="results.md, results.json, logs/")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a job is stopped")

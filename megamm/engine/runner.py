@@ -18,8 +18,13 @@ from megamm.engine.builder import clamp_parameters
 from megamm.engine.distributed import device
 from megamm.parallel import ParallelState, layout
 
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""images (B, C, S, S), text_ids (B, T), text_mask (B, T) bool, on the host."""
+Inputs = dict[str, torch.Tensor]
+"""The model's input tensors by keyword (image (B, C, S, S), text_ids (B, T), text_mask (B, T) bool,
+and audio, questions and answers where the model reads them), on the host."""
+Embeddings = dict[str, torch.Tensor]
+"""L2-normalised (B, E) embeddings by modality (``"image"``, ``"text"``, ``"audio"``)."""
+PIPELINE_INPUTS = ("image", "text_ids", "text_mask")
+"""What the pipeline form's first stage reads, in order."""
 Phase = Callable[[str], ContextManager[None]]
 
 
@@ -43,9 +48,9 @@ class StepRunner:
         of this data-parallel rank (under pipeline parallelism, already averaged over ranks)."""
         raise NotImplementedError
 
-    def embed(self, inputs: Inputs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """L2-normalised (image_emb, text_emb) (B, E) of one batch, without gradients, on the ranks
-        that compute them (all ranks, or a pipeline's last stage); None elsewhere."""
+    def embed(self, inputs: Inputs) -> Optional[Embeddings]:
+        """Every modality's L2-normalised embeddings (B, E) of one batch, without gradients, on the
+        ranks that compute them (all ranks, or a pipeline's last stage); None elsewhere."""
         raise NotImplementedError
 
     def share(self, value: Any) -> Any:
@@ -53,7 +58,7 @@ class StepRunner:
         return value
 
     def _to_device(self, inputs: Inputs) -> Inputs:
-        return tuple(tensor.to(self.device, non_blocking=True) for tensor in inputs)  # type: ignore[return-value]
+        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
 
 
 class PlainRunner(StepRunner):
@@ -61,26 +66,36 @@ class PlainRunner(StepRunner):
 
     phases = ("forward", "backward", "optimizer")
 
+    def __init__(self, engine: Any, parallel: ParallelState) -> None:
+        super().__init__(engine, parallel)
+        self.objective_losses: dict[str, float] = {}
+        """Each objective's own loss, this rank's mean over the last step's micro-batches."""
+
     def train_step(self, micro_batches: Sequence[Inputs], phase: Phase = _no_phase) -> float:
         total = 0.0
+        parts: dict[str, float] = {}
         for inputs in micro_batches:
             with phase("forward"):
-                loss = self.engine(*self._to_device(inputs))["loss"]
+                out = self.engine(**self._to_device(inputs))
+                loss = out["loss"]
             with phase("backward"):
                 self.engine.backward(loss)
             with phase("optimizer"):
                 self.engine.step()  # DeepSpeed steps at the last micro-batch only
             total += loss.item()
+            for name, value in getattr(out, "losses", {}).items():
+                parts[name] = parts.get(name, 0.0) + value.item() / len(micro_batches)
         with phase("optimizer"):
-            clamp_parameters(self.engine)  # the logit scale, after the optimizer step
+            clamp_parameters(self.engine)  # the logit scales, after the optimizer step
+        self.objective_losses = parts
         return total / len(micro_batches)
 
-    def embed(self, inputs: Inputs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def embed(self, inputs: Inputs) -> Optional[Embeddings]:
         self.engine.eval()
         with torch.no_grad():
-            out = self.engine(*self._to_device(inputs), compute_loss=False)
+            out = self.engine(**self._to_device(inputs), compute_loss=False)
         self.engine.train()
-        return out["image_emb"], out["text_emb"]
+        return {m: out[f"{m}_emb"] for m in ("image", "text", "audio") if out[f"{m}_emb"] is not None}
 
 
 class PipelineRunner(StepRunner):
@@ -94,14 +109,14 @@ class PipelineRunner(StepRunner):
     phases = ("pipeline",)
 
     def train_step(self, micro_batches: Sequence[Inputs], phase: Phase = _no_phase) -> float:
-        data = iter([(inputs, torch.zeros(1)) for inputs in micro_batches])
+        data = iter([(_pipeline_inputs(inputs), torch.zeros(1)) for inputs in micro_batches])
         with phase("pipeline"):
             loss = self.engine.train_batch(data)
             clamp_parameters(self.engine)
         return float(loss)
 
-    def embed(self, inputs: Inputs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        data = iter([(inputs, torch.zeros(1))])
+    def embed(self, inputs: Inputs) -> Optional[Embeddings]:
+        data = iter([(_pipeline_inputs(inputs), torch.zeros(1))])
         # eval_batch sums its outputs into the loss total that the last train_batch left (a
         # scalar); our outputs are a tuple, so start the total afresh (train_batch does too).
         self.engine.total_loss = None
@@ -112,7 +127,7 @@ class PipelineRunner(StepRunner):
         if not self.engine.is_last_stage():
             return None
         image_emb, text_emb, _ = outputs
-        return image_emb, text_emb
+        return {"image": image_emb, "text": text_emb}
 
     def share(self, value: Any) -> Any:
         p = self.parallel
@@ -122,9 +137,13 @@ class PipelineRunner(StepRunner):
         return box[0]
 
 
+def _pipeline_inputs(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return tuple(inputs[name] for name in PIPELINE_INPUTS)
+
+
 def make_runner(engine: Any, parallel: ParallelState) -> StepRunner:
     """The runner for ``engine``: a pipeline one when the model is split into stages."""
     return PipelineRunner(engine, parallel) if parallel.pp_size > 1 else PlainRunner(engine, parallel)
 
 
-__all__ = ["Inputs", "PipelineRunner", "PlainRunner", "StepRunner", "make_runner"]
+__all__ = ["Embeddings", "Inputs", "PIPELINE_INPUTS", "PipelineRunner", "PlainRunner", "StepRunner", "make_runner"]

@@ -41,16 +41,24 @@ def recall_at_k(similarity: torch.Tensor, ks: Sequence[int]) -> dict[int, float]
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    names: tuple[str, str] = ("image", "text"),
+) -> dict[str, float]:
     """Text->image and image->text recall@K for paired, L2-normalised embeddings (N, E).
 
-    Scored QUERY_CHUNK queries at a time, so an evaluation set of any size fits in memory.
+    ``names``: what the two sides are called in the keys (``"text_to_image_R@1"``; for another
+    pair, e.g. ``("audio", "text")``: ``"text_to_audio_R@1"``, ``"audio_to_text_R@1"``). Scored
+    QUERY_CHUNK queries at a time, so an evaluation set of any size fits in memory.
     """
     if image_emb.shape != text_emb.shape:
         raise ValueError(f"expected paired embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     images, texts = image_emb.float(), text_emb.float()
     metrics = {}
-    for name, queries, items in (("text_to_image", texts, images), ("image_to_text", images, texts)):
+    first, second = names
+    for name, queries, items in ((f"{second}_to_{first}", texts, images), (f"{first}_to_{second}", images, texts)):
         chunks = range(0, len(queries), QUERY_CHUNK)
         ranks = torch.cat([_match_ranks(queries[i : i + QUERY_CHUNK] @ items.T, i) for i in chunks])  # (N,)
         for k in ks:

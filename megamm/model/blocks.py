@@ -35,6 +35,7 @@ from megamm.parallel import (
     RowParallelLinear,
     checkpoint,
     copy_all_to_group,
+    gather_from_group,
     group_rank,
     group_size,
     reduce_from_group,
@@ -103,6 +104,15 @@ class SequenceLayout:
             return None
         return (torch.arange(padded, device=device) < length)[None, :]  # (1, T'): True = real
 
+    def gather(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """Leave the layout: this rank's slice (B, T' / tp, H) -> the whole sequence (B, length, H),
+        alike on every rank, for layers that need every position (cross-attention, fusion); the
+        gradient, whole on every rank, is split back into the slices. The identity when not
+        :attr:`active`."""
+        if not self.active:
+            return x
+        return gather_from_group(x, self.group, dim=1)[:, :length]  # (B, length, H)
+
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice of dimension 1 of ``tensor`` (B, T', ...), without autograd (a mask)."""
         if not self.active:
@@ -119,6 +129,19 @@ class BlockAttention:
     options: Mapping[str, Any] = field(default_factory=dict)
     causal: bool = False
     rotary: bool = False
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder gives: its pooled features, and on request its token features."""
+
+    pooled: torch.Tensor
+    """(B, H), alike on every tensor-parallel rank."""
+    tokens: Optional[torch.Tensor] = None
+    """(B, N, H): every token, whole on every rank (gathered under sequence parallelism, its padding
+    cut); None unless asked for."""
+    mask: Optional[torch.Tensor] = None
+    """(B, N) bool, True = real token; None: every token is real."""
 
 
 def tower_attention(tower: TransformerConfig) -> list[BlockAttention]:

@@ -161,6 +161,15 @@ def _score_dtype(context: torch.Tensor) -> torch.dtype:
     return torch.promote_types(context.dtype, torch.float32)
 
 
+def _everywhere(flag: torch.Tensor, group: ProcessGroup) -> bool:
+    """True when ``flag`` (a bool scalar) holds on every rank of ``group`` (collective at size > 1)."""
+    if group_size(group) <= 1:
+        return bool(flag)
+    value = flag.to(torch.int64).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
+
+
 def _broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup) -> None:
     """In place: every rank of ``group`` takes the group's first rank's ``tensors`` (a decoding
     choice), so that the ranks never disagree on a token, even by a rounding tie."""
@@ -359,6 +368,7 @@ class TextDecoder(nn.Module):
         length_penalty: float = 1.0,
         use_cache: bool = True,
         return_scores: bool = False,
+        sync_group: ProcessGroup = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Decode a token sequence for each context row.
 
@@ -380,6 +390,9 @@ class TextDecoder(nn.Module):
         group's first rank's choice is broadcast, so all ranks return the same ids. The model is
         used as it is (call ``eval()`` first to switch dropout off). ``use_cache=False``
         recomputes the whole prefix at each step (same result, for checking the cache).
+        ``sync_group``: ranks that must take the same number of steps whatever their contexts (the
+        data-parallel group under ZeRO-3, whose parameter gathers are collectives): decoding stops
+        when every row of every one of them has stopped.
         """
         max_length = self.max_length if max_length is None else max_length
         if not 2 <= max_length <= self.max_length:
@@ -401,11 +414,12 @@ class TextDecoder(nn.Module):
             )
         if num_beams == 1:
             ids, scores = self._greedy(
-                context, context_mask, max_length, bos_id, eos_id, pad_id, length_penalty, use_cache
+                context, context_mask, max_length, bos_id, eos_id, pad_id, length_penalty, use_cache, sync_group
             )
         else:
             ids, scores = self._beam_search(
-                context, context_mask, max_length, bos_id, eos_id, pad_id, num_beams, length_penalty, use_cache
+                context, context_mask, max_length, bos_id, eos_id, pad_id, num_beams, length_penalty, use_cache,
+                sync_group,
             )
         return (ids, scores) if return_scores else ids
 
@@ -432,6 +446,7 @@ class TextDecoder(nn.Module):
         pad_id: int,
         length_penalty: float,
         use_cache: bool,
+        sync_group: ProcessGroup = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, device = context.shape[0], context.device
         ids = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)  # (B, 1)
@@ -448,7 +463,7 @@ class TextDecoder(nn.Module):
             lengths = lengths + (~finished).long()
             ids = torch.cat([ids, token[:, None]], dim=1)  # (B, t + 1)
             finished = finished | (token == eos_id)
-            if bool(finished.all()):
+            if _everywhere(finished.all(), sync_group):
                 break
         return ids, total / lengths.clamp_min(1).to(total.dtype) ** length_penalty
 
@@ -463,6 +478,7 @@ class TextDecoder(nn.Module):
         beams: int,
         length_penalty: float,
         use_cache: bool,
+        sync_group: ProcessGroup = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, device = context.shape[0], context.device
         vocab = self.vocab_size
@@ -517,7 +533,7 @@ class TextDecoder(nn.Module):
                 keep_best(chosen, running / float(step) ** length_penalty, ~done[:, None].expand(-1, beams), step + 1)
                 break
             done = done | (finished >= beams)
-            if bool(done.all()):
+            if _everywhere(done.all(), sync_group):
                 break
             ids = chosen.view(batch * beams, step + 1)
             if caches is not None:

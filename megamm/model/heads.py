@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megamm.model.init import WeightInit
-from megamm.parallel import gather_batch_with_grad, group_rank
+from megamm.parallel import gather_batch_with_grad, group_rank, group_size
 from megamm.parallel.mappings import ProcessGroup
 
 
@@ -28,7 +30,11 @@ class Projection(nn.Module):
 
 
 def contrastive_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, dp_group: ProcessGroup
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    scale: torch.Tensor,
+    dp_group: ProcessGroup,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE whose negatives span the whole data-parallel group.
 
@@ -37,6 +43,9 @@ def contrastive_loss(
     positive of local row i at global index dp_rank * B + i ("local loss" with gathered
     features). The mean of this loss over ranks equals the naive loss over the global batch,
     and its gradients match once data-parallel gradients are averaged.
+
+    ``valid`` (B,) bool: the rows that have both modalities; the others are neither anchors nor
+    negatives anywhere in the group (collective: pass it on every rank or on none).
     """
     all_images = gather_batch_with_grad(image_emb, dp_group)  # (dp*B, E)
     all_texts = gather_batch_with_grad(text_emb, dp_group)  # (dp*B, E)
@@ -44,7 +53,20 @@ def contrastive_loss(
     labels = torch.arange(batch, device=image_emb.device) + group_rank(dp_group) * batch  # (B,)
     logits_per_image = scale * image_emb @ all_texts.T  # (B, dp*B)
     logits_per_text = scale * text_emb @ all_images.T  # (B, dp*B)
-    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    if valid is None:
+        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    # Pairs with a modality missing are neither anchors nor negatives. Each rank's sum over its
+    # valid rows is scaled by dp / (valid rows of the whole group), so the ranks' mean is the mean
+    # over the group's valid pairs (0, with a graph, when there is none).
+    all_valid = gather_batch_with_grad(valid.to(image_emb.dtype)[:, None], dp_group)[:, 0] > 0  # (dp*B,)
+    hidden = torch.finfo(logits_per_image.dtype).min
+    logits_per_image = logits_per_image.masked_fill(~all_valid[None, :], hidden)
+    logits_per_text = logits_per_text.masked_fill(~all_valid[None, :], hidden)
+    per_row = F.cross_entropy(logits_per_image, labels, reduction="none") + F.cross_entropy(
+        logits_per_text, labels, reduction="none"
+    )  # (B,)
+    total = torch.where(valid, per_row, 0.0).sum()
+    return 0.5 * total * group_size(dp_group) / all_valid.sum().clamp_min(1)
 
 
 CLAMP_ATTRIBUTE = "megamm_clamp"
@@ -66,6 +88,13 @@ class ContrastiveHead(nn.Module):
         self.logit_scale_max = logit_scale_max
         self.dp_group = dp_group
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()
-        return contrastive_loss(image_emb, text_emb, scale, self.dp_group)
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped: (1,)."""
+        return self.logit_scale.clamp(max=self.logit_scale_max).exp()
+
+    def forward(
+        self, image_emb: torch.Tensor, text_emb: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, E) and (B, E) of a modality pair (named image and text here); ``valid`` (B,) bool:
+        the rows that have both (None: all)."""
+        return contrastive_loss(image_emb, text_emb, self.scale(), self.dp_group, valid)

@@ -200,9 +200,10 @@ def scatter_to_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return _ScatterToGroup.apply(x, group, -1) if group_size(group) > 1 else x
 
 
-def gather_from_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Concatenate every rank's slice along the last dimension; the gradient is split."""
-    return _GatherFromGroup.apply(x, group, -1, False) if group_size(group) > 1 else x
+def gather_from_group(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
+    """Concatenate every rank's slice along ``dim`` (the last by default); the gradient is split
+    (each rank keeps its slice of a gradient that is whole and alike on every rank)."""
+    return _GatherFromGroup.apply(x, group, dim, False) if group_size(group) > 1 else x
 
 
 def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup, dim: int = 1) -> torch.Tensor:

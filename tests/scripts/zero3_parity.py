@@ -59,7 +59,7 @@ def reference_run(config, batch_size: int) -> tuple[list[float], list[float]]:
 
 def main() -> None:
     out_path, *overrides = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]
-    config = load_config("tiny", ["parallel.tensor_parallel=2", "micro_batch_size=4", *overrides])
+    config = load_config("clip_tiny", ["parallel.tensor_parallel=2", "micro_batch_size=4", *overrides])
     init_distributed()
     parallel = ParallelState.initialize(config.parallel.tensor_parallel)
     torch.manual_seed(config.seed)

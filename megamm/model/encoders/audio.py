@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamm.model.blocks import BlockAttention, SequenceLayout, TransformerStack, hidden_dropout
+from megamm.model.blocks import BlockAttention, EncoderOutput, SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.encoders.image import pool_class_token
 from megamm.model.encoders.melspec import LogMelSpectrogram
 from megamm.model.init import WeightInit
@@ -197,6 +197,17 @@ class AudioEncoder(nn.Module):
     ) -> torch.Tensor:
         """waveform (B, S) float, lengths (B,) valid samples (None: all ``S``), ``sample_rate`` of
         the audio if known (checked) -> (B, H)."""
+        return self.features(waveform, lengths, sample_rate).pooled
+
+    def features(
+        self,
+        waveform: torch.Tensor,
+        lengths: Optional[torch.Tensor] = None,
+        sample_rate: Optional[int] = None,
+        tokens: bool = False,
+    ) -> EncoderOutput:
+        """As :meth:`forward`: the class token's features (B, H) and, with ``tokens``, every
+        token's (B, N + 1, H) with their mask (B, N + 1) (patches of padded audio are False)."""
         if waveform.dim() == 2 and waveform.shape[1] > self.max_samples:
             frames = self.spectrogram.num_frames(waveform.shape[1])
             raise ValueError(
@@ -208,4 +219,9 @@ class AudioEncoder(nn.Module):
         x = self.embedding(spectrogram)  # (B, N + 1, H), or this rank's (B, T' / tp, H) under sequence parallelism
         mask = self.embedding.key_padding_mask(spectrogram.shape[-1], frame_mask, x.device)  # (B, T'), (1, T') or None
         x = self.transformer(x, mask)
-        return pool_class_token(x, self.embedding.layout)  # (B, H)
+        pooled = pool_class_token(x, self.embedding.layout)  # (B, H)
+        if not tokens:
+            return EncoderOutput(pooled)
+        count = self.embedding.num_tokens(spectrogram.shape[-1])
+        real = None if frame_mask is None else self.embedding.patch_mask(frame_mask.to(x.device))  # (B, N + 1)
+        return EncoderOutput(pooled, self.embedding.layout.gather(x, count), real)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamm.model.blocks import BlockAttention, SequenceLayout, TransformerStack, hidden_dropout
+from megamm.model.blocks import BlockAttention, EncoderOutput, SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
 from megamm.parallel import group_rank, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
@@ -169,8 +169,16 @@ class ImageEncoder(nn.Module):
             attention_dropout, attention,
         )  # fmt: skip
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, S, S) -> (B, H)."""
+    def features(self, images: torch.Tensor, tokens: bool = False) -> EncoderOutput:
+        """images (B, C, S, S) -> the class token's features (B, H) and, with ``tokens``, every
+        token's (B, N + 1, H) (no padding: no mask)."""
         x = self.embedding(images)  # (B, N + 1, H), or this rank's (B, T' / tp, H) under sequence parallelism
         x = self.transformer(x, self.embedding.key_padding_mask(x.device))
-        return pool_class_token(x, self.embedding.layout)  # (B, H)
+        pooled = pool_class_token(x, self.embedding.layout)  # (B, H)
+        if not tokens:
+            return EncoderOutput(pooled)
+        return EncoderOutput(pooled, self.embedding.layout.gather(x, self.embedding.num_tokens))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, S, S) -> (B, H)."""
+        return self.features(images).pooled

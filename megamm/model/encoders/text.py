@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from megamm.model.blocks import BlockAttention, SequenceLayout, TransformerStack, hidden_dropout
+from megamm.model.blocks import BlockAttention, EncoderOutput, SequenceLayout, TransformerStack, hidden_dropout
 from megamm.model.init import WeightInit
 from megamm.parallel import VocabParallelEmbedding, reduce_from_group
 from megamm.parallel.mappings import ProcessGroup
@@ -106,8 +106,17 @@ class TextEncoder(nn.Module):
             attention_dropout, attention,
         )  # fmt: skip
 
+    def features(self, ids: torch.Tensor, mask: torch.Tensor, tokens: bool = False) -> EncoderOutput:
+        """ids (B, T) int64, mask (B, T) bool (True = real token) -> the mean over real tokens
+        (B, H) and, with ``tokens``, every token's features (B, T, H) with ``mask``."""
+        layout = self.embedding.layout
+        padded = layout.pad_mask(mask)  # (B, T'), T' = T without sequence parallelism
+        x = self.transformer(self.embedding(ids), key_padding_mask=padded)  # (B, T, H), or (B, T' / tp, H)
+        pooled = masked_mean(x, padded, layout)  # (B, H)
+        if not tokens:
+            return EncoderOutput(pooled)
+        return EncoderOutput(pooled, layout.gather(x, ids.shape[1]), mask)  # (B, H), (B, T, H), (B, T)
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64, mask (B, T) bool (True = real token) -> (B, H)."""
-        mask = self.embedding.layout.pad_mask(mask)  # (B, T'), T' = T without sequence parallelism
-        x = self.transformer(self.embedding(ids), key_padding_mask=mask)  # (B, T, H), or (B, T' / tp, H)
-        return masked_mean(x, mask, self.embedding.layout)  # (B, H)
+        return self.features(ids, mask).pooled

@@ -13,16 +13,15 @@ Any subset of the modalities may be present, per row (``present[m]`` (B,) bool) 
 modality absent from the call); missing ones are masked and their values never read. Each layer
 walks its modalities in its constructor's order and runs every module whatever is missing, so
 every rank runs the same collectives in the same order (ZeRO-3 hangs otherwise, DeepSpeed issue
-7170). :data:`FUSION_KINDS` names the kinds.
+7170). :data:`FUSION_KINDS` names the kinds ``model.fusion.kind`` chooses from
+(:class:`~megamm.model.fusion.encoder.FusionEncoder` builds them).
 """
 
+from megamm.config import FUSION_KINDS
 from megamm.model.fusion.bottleneck import BottleneckFusion
 from megamm.model.fusion.concat import ConcatFusion
 from megamm.model.fusion.gated import GatedCrossAttentionBlock, gated_positions
 from megamm.model.fusion.weighted import WeightedFusion
-
-FUSION_KINDS = ("gated_cross_attention", "bottleneck", "weighted", "concat")
-"""The fusion kinds by name, one per layer class above (in that order)."""
 
 __all__ = [
     "FUSION_KINDS",

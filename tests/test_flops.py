@@ -15,11 +15,19 @@ gradient; every other matmul gets an input- and a weight-gradient matmul (2x), t
 bmm's included. With the mapped CPU kernel, torch's sdpa_backward_flop_count adds the
 flash-style recomputation of the scores Q K^T (half the attention forward, 2 * T^2 * H per
 layer): hardware FLOPs that the model-FLOPs convention leaves out.
+
+The whole model (audio encoder, every fusion kind, decoder, every objective) is checked the
+same way with the math backend, exactly: forward == counter, and forward + backward == training
+less the patch embeddings' input gradients (image and audio). The counter also sees the VQA head
+run a second time (the reported ``vqa_logits``, without gradient), which model FLOPs count once.
+``count_parameters`` equals ``sum(p.numel())`` of built models; the base and large recipes are
+counted, never built.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -28,8 +36,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from megamm.config import ImageConfig, ModelConfig, TextConfig, load_config
-from megamm.flops import FlopCount, measure_matmul_peak, mfu, model_flops_per_sample
+from megamm.config import FUSION_KINDS, ConfigError, ImageConfig, ModelConfig, TextConfig, load_config
+from megamm.flops import (
+    FlopCount,
+    audio_frames,
+    count_parameters,
+    image_tokens,
+    measure_matmul_peak,
+    mfu,
+    model_flops_per_sample,
+    total_parameters,
+    transformer_block_flops,
+)
 
 
 def one_block_config() -> ModelConfig:
@@ -176,6 +194,279 @@ def test_tiny_forward_flops() -> None:
         "contrastive_logits": 1_024,
     }
     assert count.forward == 20_366_848
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole model: audio encoder, fusion, decoder and every objective
+
+
+def _whole(kind: str = "gated", *extra: str) -> ModelConfig:
+    """The whole model, small: every width, depth and MLP ratio differs so that mix-ups show."""
+    overrides = [
+        "model.embed_dim=16",
+        "model.text.vocab_size=64", "model.text.max_length=8", "model.text.hidden_size=32",
+        "model.text.num_layers=1", "model.text.num_heads=2",
+        "model.image.image_size=16", "model.image.patch_size=4", "model.image.hidden_size=48",
+        "model.image.num_layers=1", "model.image.num_heads=2",
+        "model.audio.hidden_size=40", "model.audio.num_layers=1", "model.audio.num_heads=2",
+        "model.audio.n_mels=16", "model.audio.patch_frequency=8", "model.audio.patch_time=4",
+        "model.audio.max_seconds=0.3",
+        f"model.fusion.kind={kind}", "model.fusion.num_layers=2", "model.fusion.num_heads=2",
+        "model.fusion.mlp_ratio=3.0", "model.fusion.bottleneck_tokens=3",
+        "model.decoder.num_layers=1", "model.decoder.num_heads=2", "model.decoder.mlp_ratio=2.0",
+        "model.objectives.num_answers=5",
+        "data.image_size=16", "data.max_text_length=8",
+        *extra,
+    ]  # fmt: skip
+    return load_config("tiny", overrides).model
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine more threads
+    make every small matmul wait for the other (seconds instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PARAMETER_CASES = [
+    pytest.param(lambda: load_config("clip_tiny").model, id="clip_tiny"),
+    pytest.param(lambda: load_config("tiny").model, id="tiny"),
+    *[pytest.param(lambda kind=kind: _whole(kind), id=f"fusion-{kind}") for kind in FUSION_KINDS],
+    pytest.param(
+        lambda: _whole("gated", "model.fusion.every=2", "model.text.positions=rotary", "model.decoder.positions=rotary"),
+        id="gated-every-2-rotary",
+    ),
+    pytest.param(
+        lambda: _whole("bottleneck", "model.audio.enabled=false", "model.objectives.image_text=0",
+                       "model.objectives.audio_text=0", "model.objectives.image_audio=0",
+                       "model.objectives.captioning=0", "model.objectives.vqa_generative=0"),
+        id="itm-vqa-only-no-audio",
+    ),  # fmt: skip
+    pytest.param(
+        lambda: _whole("gated", "model.objectives.itm=0", "model.objectives.vqa=0", "model.objectives.vqa_generative=0"),
+        id="captioning-no-fusion",
+    ),
+]
+
+
+@pytest.mark.parametrize("make_config", PARAMETER_CASES)
+def test_count_parameters_matches_built_model(make_config: Any) -> None:
+    from megamm.model import MultiModalTransformer
+
+    config = make_config()
+    model = MultiModalTransformer(config, seed=0)
+    built = sum(p.numel() for p in model.parameters())
+    counted = count_parameters(config)
+    assert sum(counted.values()) == total_parameters(config) == built
+    # component by component, against the model's own modules
+    own = {
+        "text_encoder": model.text_encoder,
+        "image_encoder": model.image_encoder,
+        "audio_encoder": model.audio_encoder,
+        "fusion": model.fusion,
+        "decoder": model.decoder,
+        "context_projections": getattr(model, "context_projection", None),
+        "itm_head": getattr(model, "itm_head", None),
+        "vqa_head": getattr(model, "vqa_head", None),
+    }
+    for name, module in own.items():
+        expected = None if module is None else sum(p.numel() for p in module.parameters())
+        assert counted.get(name) == expected, name
+
+
+def _whole_inputs(config: ModelConfig, batch: int, partial: bool, audio_samples: Optional[int]) -> dict[str, Any]:
+    """A training batch with every modality and a question-answer pair in every row."""
+    length = config.text.max_length
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, config.text.vocab_size, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.bool)  # (B, T), True = real token
+    samples = config.audio.max_samples if audio_samples is None else audio_samples
+    lengths = torch.full((batch,), samples)
+    if partial:
+        mask = torch.arange(length)[None, :] < (torch.arange(batch) % (length - 2) + 3)[:, None]
+        lengths = samples - 97 * torch.arange(batch)  # shorter clips padded to the longest
+    image = config.image
+    inputs = {
+        "image": torch.randn(batch, image.channels, image.image_size, image.image_size, generator=generator),
+        "text_ids": ids,
+        "text_mask": mask,
+        "question_ids": ids.flip(0),
+        "question_mask": mask.flip(0),
+        "answer": torch.arange(batch) % config.objectives.num_answers,
+        "answer_ids": ids.roll(1, 0),
+        "answer_mask": mask.roll(1, 0),
+    }
+    if config.audio.enabled:
+        inputs["audio"] = 0.1 * torch.randn(batch, samples, generator=generator)  # (B, S)
+        inputs["audio_lengths"] = lengths
+    return inputs
+
+
+def _counted_whole(
+    config: ModelConfig, batch: int, backward: bool, attention: str = "math", partial: bool = False,
+    audio_samples: Optional[int] = None,
+) -> float:  # fmt: skip
+    """FLOPs per sample FlopCounterMode counts for one training forward (and backward) pass."""
+    from megamm.model import MultiModalTransformer
+
+    model = MultiModalTransformer(config, seed=0)
+    inputs = _whole_inputs(config, batch, partial, audio_samples)
+    mapping: Optional[dict[Any, Any]] = CPU_SDPA_FORMULAS if attention == "mapped" else None
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    backends = [SDPBackend.MATH] if attention == "math" else [SDPBackend.FLASH_ATTENTION]
+    with sdpa_kernel(backends), counter:
+        out = model(**inputs)
+        if backward:
+            out["loss"].backward()
+    assert set(out.losses) == {name for name, weight in config.objectives.weights().items() if weight > 0}
+    return counter.get_total_flops() / batch
+
+
+def _duplicated_vqa_head(count: FlopCount) -> int:
+    """The VQA head runs twice per training forward: once for ``vqa_logits`` (no gradient flows
+    back from them) and again inside ``vqa_head.loss`` (MultiModalTransformer._question_losses).
+    Model FLOPs count it once; the counter sees both."""
+    return count.breakdown.get("vqa_head", 0)
+
+
+WHOLE_CASES = [
+    *[pytest.param(kind, 3, False, None, id=kind) for kind in FUSION_KINDS],
+    pytest.param("gated", 4, True, 2400, id="gated-partial-masks-short-audio"),
+    pytest.param("bottleneck", 2, True, 1000, id="bottleneck-partial-masks-short-audio"),
+]
+
+
+@pytest.mark.parametrize("kind, batch, partial, audio_samples", WHOLE_CASES)
+def test_whole_model_forward_matches_flop_counter(
+    one_thread: Any, kind: str, batch: int, partial: bool, audio_samples: Optional[int]
+) -> None:
+    config = _whole(kind)
+    count = model_flops_per_sample(config, global_batch=batch, audio_samples=audio_samples)
+    counted = _counted_whole(config, batch, backward=False, partial=partial, audio_samples=audio_samples)
+    assert counted == count.forward + _duplicated_vqa_head(count)
+
+
+@pytest.mark.parametrize("kind, batch, partial, audio_samples", WHOLE_CASES)
+def test_whole_model_training_matches_flop_counter(
+    one_thread: Any, kind: str, batch: int, partial: bool, audio_samples: Optional[int]
+) -> None:
+    config = _whole(kind)
+    count = model_flops_per_sample(config, global_batch=batch, audio_samples=audio_samples)
+    assert set(count.without_backward) == {"audio_spectrogram", "itm_similarity"}
+    # Autograd computes no input gradient for the patch embeddings (pixels, spectrogram).
+    expected = count.training - count.breakdown["image_patch_embedding"] - count.breakdown["audio_patch_embedding"]
+    counted = _counted_whole(config, batch, backward=True, partial=partial, audio_samples=audio_samples)
+    assert counted == expected + _duplicated_vqa_head(count)
+
+
+def test_tiny_recipe_matches_flop_counter(one_thread: Any) -> None:
+    """The quickstart recipe as shipped, with the default CPU attention kernel mapped to torch's
+    SDPA formula (forward: the same as the math backend's)."""
+    config, batch = load_config("tiny").model, 2
+    count = model_flops_per_sample(config, global_batch=batch)
+    counted = _counted_whole(config, batch, backward=False, attention="mapped")
+    assert counted == count.forward + _duplicated_vqa_head(count)
+    assert count.breakdown["audio_blocks"] == 2 * transformer_block_flops(53, 64, 256)  # 13 x 4 patches + class
+
+
+def test_spectrogram_counts_the_mel_filterbank_not_the_fft() -> None:
+    """FlopCounterMode counts the mel filterbank's matmul and not torch.stft (an FFT): so does
+    megamm.flops (audio_spectrogram)."""
+    from megamm.model.encoders import LogMelSpectrogram
+
+    audio = _whole().audio
+    spectrogram = LogMelSpectrogram(audio.sample_rate, audio.n_fft, audio.hop_length, audio.n_mels)
+    waveform = 0.1 * torch.randn(3, audio.max_samples)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        mel, _ = spectrogram(waveform)
+    assert mel.shape[-1] == audio_frames(audio) == audio.max_frames
+    count = model_flops_per_sample(_whole())
+    expected = 2 * audio.n_mels * (audio.n_fft // 2 + 1) * audio.max_frames
+    assert counter.get_total_flops() / 3 == count.breakdown["audio_spectrogram"] == expected
+    stft_only = FlopCounterMode(display=False)
+    with stft_only:
+        torch.stft(waveform, audio.n_fft, audio.hop_length, window=torch.hann_window(audio.n_fft), return_complex=True)
+    assert stft_only.get_total_flops() == 0
+
+
+def test_whole_model_batch_and_audio_arguments() -> None:
+    config = _whole("gated")
+    without = model_flops_per_sample(config)
+    assert "contrastive_logits" not in without.breakdown and "itm_similarity" not in without.breakdown
+    count = model_flops_per_sample(config, global_batch=64, micro_batch=8)
+    e = config.embed_dim
+    assert count.breakdown["contrastive_logits"] == 3 * 2 * 2 * e * 64  # three pairs, both ways
+    assert count.breakdown["itm_similarity"] == 2 * e * 8  # mined within the rank's batch
+    assert count.training == 3 * count.forward - 2 * (count.breakdown["audio_spectrogram"] + 2 * e * 8)
+    assert model_flops_per_sample(config, global_batch=8).breakdown["itm_similarity"] == 2 * e * 8
+    shorter = model_flops_per_sample(config, audio_samples=1600)  # 11 frames -> 3 time patches
+    assert shorter.breakdown["audio_blocks"] == transformer_block_flops(3 * 2 + 1, 40, 160)
+    with pytest.raises(ValueError, match="max_frames"):
+        model_flops_per_sample(config, audio_samples=config.audio.max_samples + config.audio.hop_length)
+    with pytest.raises(ValueError, match="micro_batch"):
+        model_flops_per_sample(config, micro_batch=0)
+    # the dual encoder's count does not move when the whole-model parts are off
+    assert set(model_flops_per_sample(load_config("clip_tiny").model, global_batch=4).breakdown) == {
+        "image_patch_embedding", "image_blocks", "text_blocks", "projections", "contrastive_logits",
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The base and large recipes (counted, never built)
+
+RECIPE_SIZES = {"base": (180e6, 240e6), "large": (0.9e9, 1.1e9)}
+"""Parameter ranges the recipes promise: about 200M and about 1B."""
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_SIZES))
+def test_recipe_loads_validates_and_has_its_size(name: str) -> None:
+    config = load_config(name)
+    model = config.model
+    config.validate()
+    assert config.data.image_size == model.image.image_size == 224
+    assert config.data.max_text_length == model.text.max_length
+    assert model.audio.enabled and model.uses_fusion and model.uses_decoder
+    assert model.text.vocab_size % 8 == 0
+    low, high = RECIPE_SIZES[name]
+    counts = count_parameters(model)
+    assert low <= sum(counts.values()) <= high
+    assert set(counts) >= {"text_encoder", "image_encoder", "audio_encoder", "fusion", "decoder"}
+    assert 0 < model_flops_per_sample(model, global_batch=1024).training < 1e13
+
+
+def test_recipes_tensor_parallel_sizes() -> None:
+    load_config("large", ["parallel.tensor_parallel=8"])  # every stack has 16 heads
+    load_config("base", ["parallel.tensor_parallel=4"])
+    with pytest.raises(ConfigError, match="model.image.num_heads=12"):
+        load_config("base", ["parallel.tensor_parallel=8"])  # ViT-B/16 has 12 heads
+
+
+def test_base_image_tower_is_vit_b16() -> None:
+    """ViT-B/16 at 224 px as published: timm's vit_base_patch16_224 has 86,567,656 parameters,
+    less its 1000-class head (768 x 1000 + 1000) that is 85,798,656; 17.6 GMACs (35.1 GFLOPs) forward."""
+    model = load_config("base").model
+    assert image_tokens(model.image) == 197
+    assert count_parameters(model)["image_encoder"] == 86_567_656 - (768 * 1000 + 1000)
+    count = model_flops_per_sample(model)
+    image = count.breakdown["image_patch_embedding"] + count.breakdown["image_blocks"]
+    assert image == pytest.approx(2 * 17.56e9, rel=0.01)
+
+
+def test_model_sizes_page_and_readme_are_current() -> None:
+    """docs/model_sizes.md and the README's table are tools/model_sizes.py's output for today's
+    recipes and counters: rerun the tool after changing either."""
+    from tools.model_sizes import RECIPES, markdown_table, page, recipe_size
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [recipe_size(recipe) for recipe in RECIPES]
+    assert (root / "docs" / "model_sizes.md").read_text() == page(rows)
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Model recipes") : readme.index("## Parallel layouts")]
+    assert markdown_table(rows) in section
 
 
 # ----------------------------------------------------------------------------------------------

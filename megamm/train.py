@@ -180,7 +180,8 @@ def evaluate_retrieval(
 def _score(local: dict[str, list[torch.Tensor]], parallel: ParallelState) -> tuple[dict[str, float], int]:
     """Retrieval metrics over every data-parallel rank's embeddings (collective over the group)."""
     parts = _dp_gather(local, parallel)
-    every = {name: torch.cat([t for part in parts for t in part.get(name, [])] or [torch.empty(0)]) for name in local}
+    names = sorted({name for part in parts for name in part})  # a rank without evaluation data sent nothing
+    every = {name: torch.cat([t for part in parts for t in part.get(name, [])]) for name in names}
     images, texts = every.get("image", torch.empty(0)), every.get("text", torch.empty(0))
     if images.shape[0] == 0:
         raise ValueError("the evaluation set is empty; check data.eval_shards")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,22 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, a
     os._exit(0)
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> None:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any, timeout: Optional[float] = None
+) -> None:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; re-raise any failure.
 
-    ``fn`` must be a module-level function (it is pickled into the children).
+    ``fn`` must be a module-level function (it is pickled into the children). ``timeout``: seconds
+    after which the children are killed and the call fails (a hang); None waits for ever.
     """
     init_file = str(tmp_path / f"rendezvous-{os.getpid()}-{world_size}")
-    mp.spawn(_entry, args=(fn, world_size, init_file, args), nprocs=world_size, join=True)
+    context = mp.spawn(_entry, args=(fn, world_size, init_file, args), nprocs=world_size, join=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if deadline is not None and time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join()
+            raise TimeoutError(f"{world_size} ranks did not finish within {timeout:.0f} s: a hang (ranks killed)")

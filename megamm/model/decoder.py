@@ -297,10 +297,24 @@ class TextDecoder(nn.Module):
         return self.final_norm(x)  # (B, T, H)
 
     def forward(
-        self, ids: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None
+        self,
+        ids: torch.Tensor,
+        context: Optional[torch.Tensor],
+        context_mask: Optional[torch.Tensor] = None,
+        *,
+        caches: Optional[list[LayerCache]] = None,
+        position: int = 0,
     ) -> torch.Tensor:
         """ids (B, T), context (B, Tk, Hc), context_mask (B, Tk) or (1, Tk) bool (True = real) ->
-        vocabulary-parallel next-token logits (B, T, V / tp). Position t sees tokens 0 .. t only."""
+        vocabulary-parallel next-token logits (B, T, V / tp). Position t sees tokens 0 .. t only.
+
+        With ``caches`` (one incremental decoding step, :meth:`generate`): ids (N, 1), the newest
+        token at ``position``, appended to the caches (whose context keys and values are already
+        there; ``context`` is not read) -> log-probabilities of the next token over the whole
+        vocabulary (N, V). A step runs as the module's forward pass so that ZeRO-3 gathers the
+        decoder's own parameters (the position and tied token embeddings) for it."""
+        if caches is not None:
+            return self._cached_step(ids[:, 0], caches, position, context_mask)
         return self.logits(self.hidden_states(ids, context, context_mask))
 
     def loss(
@@ -341,6 +355,11 @@ class TextDecoder(nn.Module):
     ) -> torch.Tensor:
         """tokens (N,) at ``position`` -> log-probabilities of the next token over the whole
         vocabulary (N, V), float32 (at least), alike on every rank."""
+        return self(tokens[:, None], None, context_mask, caches=caches, position=position)
+
+    def _cached_step(
+        self, tokens: torch.Tensor, caches: list[LayerCache], position: int, context_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         x = self.embed(tokens[:, None], offset=position)  # (N, 1, H)
         for layer, cache in zip(self.layers, caches):
             x = layer.step(x, cache, position, context_mask)

@@ -325,13 +325,6 @@ def _counted_whole(
     return counter.get_total_flops() / batch
 
 
-def _duplicated_vqa_head(count: FlopCount) -> int:
-    """The VQA head runs twice per training forward: once for ``vqa_logits`` (no gradient flows
-    back from them) and again inside ``vqa_head.loss`` (MultiModalTransformer._question_losses).
-    Model FLOPs count it once; the counter sees both."""
-    return count.breakdown.get("vqa_head", 0)
-
-
 WHOLE_CASES = [
     *[pytest.param(kind, 3, False, None, id=kind) for kind in FUSION_KINDS],
     pytest.param("gated", 4, True, 2400, id="gated-partial-masks-short-audio"),
@@ -346,7 +339,7 @@ def test_whole_model_forward_matches_flop_counter(
     config = _whole(kind)
     count = model_flops_per_sample(config, global_batch=batch, audio_samples=audio_samples)
     counted = _counted_whole(config, batch, backward=False, partial=partial, audio_samples=audio_samples)
-    assert counted == count.forward + _duplicated_vqa_head(count)
+    assert counted == count.forward
 
 
 @pytest.mark.parametrize("kind, batch, partial, audio_samples", WHOLE_CASES)
@@ -359,7 +352,7 @@ def test_whole_model_training_matches_flop_counter(
     # Autograd computes no input gradient for the patch embeddings (pixels, spectrogram).
     expected = count.training - count.breakdown["image_patch_embedding"] - count.breakdown["audio_patch_embedding"]
     counted = _counted_whole(config, batch, backward=True, partial=partial, audio_samples=audio_samples)
-    assert counted == expected + _duplicated_vqa_head(count)
+    assert counted == expected
 
 
 def test_tiny_recipe_matches_flop_counter(one_thread: Any) -> None:
@@ -368,7 +361,7 @@ def test_tiny_recipe_matches_flop_counter(one_thread: Any) -> None:
     config, batch = load_config("tiny").model, 2
     count = model_flops_per_sample(config, global_batch=batch)
     counted = _counted_whole(config, batch, backward=False, attention="mapped")
-    assert counted == count.forward + _duplicated_vqa_head(count)
+    assert counted == count.forward
     assert count.breakdown["audio_blocks"] == 2 * transformer_block_flops(53, 64, 256)  # 13 x 4 patches + class
 
 

@@ -80,6 +80,15 @@ class ModelOutput:
         return getattr(self, key, None) is not None
 
 
+def _batch_generator(ids: torch.Tensor) -> torch.Generator:
+    """A CPU generator seeded by the batch's token ids: the hard negatives a batch draws depend on
+    the batch alone, so they are the same in every parallel layout and form (the pipeline's
+    stages consume the global random stream differently) and after any resume."""
+    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device)  # (T,)
+    checksum = int(((ids.long() % 1_000_003) * weights).sum().item())
+    return torch.Generator(device="cpu").manual_seed(checksum % (2**63 - 1))
+
+
 class ContextProjection(nn.Module):
     """A modality's tokens at the text width, for the fusion layers and the decoder:
     LayerNorm + Linear, (B, N, Hm) -> (B, N, H). Replicated on every tensor-parallel rank (the
@@ -384,7 +393,7 @@ class MultiModalTransformer(nn.Module):
         with torch.no_grad():
             similarity = self.contrastive.scale() * out.image_emb @ out.text_emb.T  # (B, B)
             similarity = similarity.masked_fill(~valid[None, :], hidden).masked_fill(~valid[:, None], hidden)
-        text_for_image, image_for_text = mine_hard_negatives(similarity, group=self.itm_head.group)
+        text_for_image, image_for_text = mine_hard_negatives(similarity, _batch_generator(t["text_ids"]), self.itm_head.group)
         index = torch.arange(valid.shape[0], device=valid.device)
         images = torch.cat([index, index, image_for_text])  # (3B,)
         texts = torch.cat([index, text_for_image, index])  # (3B,)
@@ -430,9 +439,8 @@ class MultiModalTransformer(nn.Module):
             [context[1][m].any(dim=1) for m in self.context_modalities]
         ).any(dim=0)  # (B,)
         if hasattr(self, "vqa_head"):
-            out.vqa_logits = self.vqa_head(fused.pooled)
             target = t["answer"].masked_fill(~answerable, NO_ANSWER)  # (B,)
-            out.losses["vqa"] = self.vqa_head.loss(fused.pooled, target)
+            out.losses["vqa"], out.vqa_logits = self.vqa_head.loss(fused.pooled, target, return_logits=True)
         if self.config.objectives.vqa_generative > 0:
             answer_mask = t["answer_mask"] & answerable[:, None]
             out.losses["vqa_generative"] = answer_loss(self.decoder, t["answer_ids"], answer_mask, fused.tokens, fused.mask)

@@ -16,7 +16,7 @@ pieces ``"{name}.head"``, so any tensor-parallel size gives the tp = 1 model spl
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -189,9 +189,12 @@ class VQAClassifier(nn.Module):
         """pooled (B, H) -> answer logits (B, num_answers)."""
         return self.mlp(pooled)
 
-    def loss(self, pooled: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, pooled: torch.Tensor, answer: torch.Tensor, return_logits: bool = False
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Mean cross entropy over the samples whose ``answer`` (B,) int64 is not -1; a batch with
-        no answer gives 0 (finite, with a graph reaching the head's weights)."""
+        no answer gives 0 (finite, with a graph reaching the head's weights). With
+        ``return_logits`` also the answer logits (B, num_answers) it scored."""
         if answer.shape != pooled.shape[:1]:
             raise ValueError(
                 f"VQAClassifier.loss: answer must be (B,) = ({pooled.shape[0]},), got {tuple(answer.shape)}"
@@ -201,9 +204,10 @@ class VQAClassifier(nn.Module):
             f"VQAClassifier.loss: answers must be -1 (none) or in [0, {self.num_answers}); "
             "check the answer vocabulary against num_answers",
         )
-        logits = self(pooled).float()  # (B, A)
-        total = F.cross_entropy(logits, answer, ignore_index=NO_ANSWER, reduction="sum")
-        return total / (answer != NO_ANSWER).sum().clamp_min(1)
+        logits = self(pooled)  # (B, A)
+        total = F.cross_entropy(logits.float(), answer, ignore_index=NO_ANSWER, reduction="sum")
+        loss = total / (answer != NO_ANSWER).sum().clamp_min(1)
+        return (loss, logits) if return_logits else loss
 
 
 def answer_loss(

@@ -24,6 +24,8 @@ setup(
         "PyYAML>=6",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "safetensors>=0.4",
+        "sacrebleu>=2",
     ],
     extras_require={
         "dev": ["pytest>=8", "fairscale==0.4.13", "mpi4py>=4", "mpich"],

@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "preflight": {"config", "data", "engine"},
     "train": {"config", "flops", "parallel", "model", "engine", "data", "evaluation", "metrics", "fileio", "preflight"},
     "cli": {"config", "engine"},
-    "": {"config"},  # megamm/__init__.py
+    "pretrained": {"config", "parallel", "model", "data", "fileio"},
+    "": {"config", "pretrained"},  # megamm/__init__.py
 }
 
 

@@ -32,6 +32,7 @@ from megamm.data.pipeline import (
     iter_eval_batches,
     placeholder_batch,
 )
+from megamm.data.processor import PROCESSOR_FILE, TOKENIZER_FILE, Processor, square_rgb
 from megamm.data.shards import (
     SIZES_FILE,
     brace_expand,
@@ -56,14 +57,17 @@ __all__ = [
     "NO_ANSWER",
     "PAD_ID",
     "POSITIONS",
+    "PROCESSOR_FILE",
     "ROW_FIELDS",
     "SAMPLE_RATE",
     "SHAPES",
     "SIZES",
     "SIZES_FILE",
+    "TOKENIZER_FILE",
     "UNK_ID",
     "Batch",
     "DataPosition",
+    "Processor",
     "Tokenizer",
     "WavError",
     "atomic_output",
@@ -83,6 +87,7 @@ __all__ = [
     "known_sample_count",
     "pcm_to_float",
     "placeholder_batch",
+    "square_rgb",
     "train_tokenizer",
     "write_demo_dataset",
 ]

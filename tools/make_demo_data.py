@@ -14,6 +14,7 @@ import sys
 import time
 
 from megamm.data import write_demo_dataset
+from megamm.data.demo import DEFAULT_AUDIO_FRACTION
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=160,
                         help="eval samples, at most 160 (each attribute combination once)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--audio-fraction", type=float, default=DEFAULT_AUDIO_FRACTION,
+                        help="fraction of training samples with a sound, each drawn independently (every "
+                             f"evaluation sample has one; default {DEFAULT_AUDIO_FRACTION}); 0: no audio in training")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the output is a function of the arguments")
     parser.add_argument("--workers", type=int, default=None,
@@ -44,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             samples_per_shard=args.samples_per_shard,
             eval_samples=args.eval_samples,
             image_size=args.image_size,
+            audio_fraction=args.audio_fraction,
             seed=args.seed,
             workers=args.workers,
             force=args.force,

@@ -1,20 +1,23 @@
-"""Train the SentencePiece tokenizer on the captions of a set of shards.
+"""Train the SentencePiece tokenizer on the captions (and the questions and answers) of a set of shards.
 
     python tools/train_tokenizer.py --shards 'demo_data/train/shard-{000000..000007}.tar' \
         --out demo_data/tokenizer.model --vocab-size 256
 
-An existing model at --out is reused unless --force is given.
+An existing model at --out is reused when it covers the shards' text (no unknown piece in the
+first COVERAGE_SAMPLES texts), unless --force is given; one that does not (say, trained on the
+captions alone before the data gained questions) is trained again, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
 
 from megamm.config import DataConfig, TextConfig
-from megamm.data import Tokenizer, expand_shards, iter_captions, train_tokenizer
+from megamm.data import UNK_ID, Tokenizer, expand_shards, iter_captions, train_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,8 +29,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=text_defaults.vocab_size,
                         help="target vocabulary size (a soft limit; must not exceed model.text.vocab_size)")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--captions-only", action="store_true",
+                        help="train on the captions alone, not on the samples' questions and answers (qa.json)")
     parser.add_argument("--force", action="store_true", help="retrain even if --out exists")
     return parser.parse_args(argv)
+
+
+COVERAGE_SAMPLES = 200
+"""Texts an existing model must encode without an unknown piece to be reused."""
+
+
+def _uncovered(model: Path, texts: list[str]) -> list[str]:
+    """The texts that ``model`` encodes with an unknown piece."""
+    tokenizer = Tokenizer(model)
+    return [text for text in texts if UNK_ID in tokenizer.pieces(text)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     try:
+        shards = expand_shards(args.shards, "--shards")
+        questions = not args.captions_only
+        uncovered: list[str] = []
         if out.exists() and not args.force:
+            sample = list(itertools.islice(iter_captions(shards, include_questions=questions), COVERAGE_SAMPLES))
+            uncovered = _uncovered(out, sample)
+        if out.exists() and not args.force and not uncovered:
             action = "reused existing"
         else:
-            shards = expand_shards(args.shards, "--shards")
-            train_tokenizer(iter_captions(shards), out, args.vocab_size, model_type=args.model_type)
+            if uncovered:
+                print(f"the tokenizer {out} does not cover the shards' text (e.g. {uncovered[0]!r} has an unknown "
+                      "piece): training it again")
+            train_tokenizer(iter_captions(shards, include_questions=questions), out, args.vocab_size,
+                            model_type=args.model_type)
             action = f"trained in {time.perf_counter() - start:.1f} s:"
         tokenizer = Tokenizer(out, field_name="--out")
     except ValueError as err:

@@ -18,6 +18,8 @@ from typing import Any, Optional
 from megamm.config import ConfigError, TrainConfig, to_dict
 from megamm.data import (
     SIZES_FILE,
+    UNK_ID,
+    Batch,
     Tokenizer,
     check_shard_count,
     check_shards_readable,
@@ -335,6 +337,39 @@ def _shards(count: int) -> str:
     return f"{count} shard" if count == 1 else f"{count} shards"
 
 
+PROBE_SAMPLES = 32
+"""Evaluation samples read before training to check that the data has what the model reads."""
+
+
+def check_extras(config: TrainConfig, probe: Batch, tokenizer: Tokenizer) -> None:
+    """The first evaluation samples must carry what the model's objectives read (audio, questions),
+    and the tokenizer should know their words.
+
+    Raises:
+        ConfigError: the model reads audio or questions that none of the samples has.
+    """
+    model, rows = config.model, len(probe["keys"])
+    if model.audio.enabled and not bool(probe["has_audio"].any()):
+        raise ConfigError(
+            f"model.audio.enabled=true but none of the first {rows} samples of data.eval_shards has a wav: use data "
+            "with audio (tools/make_demo_data.py writes it), or set model.audio.enabled=false with "
+            "model.objectives.audio_text=0 and model.objectives.image_audio=0"
+        )
+    if model.uses_questions and not bool(probe["question_mask"].any()):
+        raise ConfigError(
+            f"model.objectives.vqa / vqa_generative are on but none of the first {rows} samples of data.eval_shards "
+            "has a qa.json: use data with questions, or set both to 0"
+        )
+    texts = [probe["text_ids"]] + ([probe["question_ids"], probe["answer_ids"]] if model.uses_questions else [])
+    unknown = int(sum((ids == UNK_ID).any(dim=1).sum() for ids in texts))
+    if unknown:
+        log.warning(
+            "%d of the first %d samples' captions%s hold pieces the tokenizer %s does not know; train it on this data "
+            "(tools/train_tokenizer.py --force)",
+            unknown, rows, " and questions" if model.uses_questions else "", config.data.tokenizer,
+        )  # fmt: skip
+
+
 def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[str]:
     """Resolve and check both splits (the evaluation set down to its first usable sample).
 
@@ -347,7 +382,8 @@ def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[
     eval_shards = expand_shards(data.eval_shards, "data.eval_shards")
     check_shards_readable(eval_shards, "data.eval_shards", read_header=True)
     extras = config.model.data_extras
-    next(iter(iter_eval_batches(data, tokenizer, batch_size=1, extras=extras)))  # raises if no sample is usable
+    probe = next(iter(iter_eval_batches(data, tokenizer, batch_size=PROBE_SAMPLES, extras=extras)))  # raises if none is usable
+    check_extras(config, probe, tokenizer)
 
     for name, shards, share in (
         ("data.train_shards", train, f"; {len(train) // dp_size} per data-parallel rank"),
@@ -419,6 +455,7 @@ __all__ = [
     "FROM_CHECKPOINT",
     "StartPlan",
     "check_data",
+    "check_extras",
     "check_init_source",
     "check_resume_config",
     "parallel_layout",

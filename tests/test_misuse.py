@@ -383,3 +383,46 @@ def test_finetune_at_another_image_size_resizes_the_positions(finished_run: Path
     log = result.stdout + result.stderr
     assert "64 saved positions resized to a 12 x 12 patch grid" in log, log[-3000:]
     assert (tmp_path / "ft" / "checkpoints" / "global_step1" / "megamm_complete.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# The data must carry what the model reads
+
+
+def _strip(source: Path, target: Path, drop: str) -> Path:
+    """A copy of shard ``source`` without its members ending in ``drop`` (``.wav``, ``.qa.json``)."""
+    import tarfile
+
+    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
+        for member in reader.getmembers():
+            if not member.name.endswith(drop):
+                writer.addfile(member, reader.extractfile(member))
+    return target
+
+
+@pytest.mark.parametrize(
+    "drop, fragments",
+    [(".wav", ("model.audio.enabled=true", "has a wav")), (".qa.json", ("model.objectives.vqa", "has a qa.json"))],
+    ids=["no-audio", "no-questions"],
+)
+def test_model_reading_what_the_data_lacks_is_refused(data: dict[str, str], tmp_path: Path, drop: str, fragments) -> None:
+    """The whole model on evaluation data without sounds (or questions) is refused before any
+    process starts, naming the field and the way out; the same data passes once the model does
+    not read them."""
+    from megamm.config import ConfigError, load_config
+    from megamm.data import Tokenizer
+    from megamm.preflight import check_data
+
+    shard = sorted(Path(data["data.eval_shards"]).glob("*.tar"))[0]
+    stripped = _strip(shard, tmp_path / "shard-000000.tar", drop)
+    values = {**data, "data.eval_shards": str(stripped)}
+    config = load_config("tiny", [f"{key}={value}" for key, value in values.items()])
+    tokenizer = Tokenizer(data["data.tokenizer"])
+    with pytest.raises(ConfigError) as error:
+        check_data(config, 1, tokenizer)
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+    off = ["model.audio.enabled=false", "model.objectives.audio_text=0", "model.objectives.image_audio=0"]
+    if drop == ".qa.json":
+        off = ["model.objectives.vqa=0", "model.objectives.vqa_generative=0"]
+    check_data(load_config("tiny", [f"{key}={value}" for key, value in values.items()] + off), 1, tokenizer)

@@ -239,11 +239,33 @@ FUSION_KINDS = ("gated", "bottleneck", "concat", "weighted")
 
 
 @dataclass
-class FusionConfig:
+class StackConfig:
+    """Depth, heads and MLP ratio of a stack of blocks that runs at the text tower's width."""
+
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def validate(self, prefix: str, hidden_size: int) -> None:
+        _require(self.num_layers >= 1, f"{prefix}.num_layers must be >= 1, got {self.num_layers}")
+        _require(
+            self.num_heads >= 1 and hidden_size % self.num_heads == 0,
+            f"{prefix}.num_heads={self.num_heads} does not divide model.text.hidden_size={hidden_size} (this "
+            "stack runs at the text width); pick a head count that divides it",
+        )
+        _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    def ffn_size(self, hidden_size: int) -> int:
+        """MLP hidden width at ``hidden_size``."""
+        return int(round(hidden_size * self.mlp_ratio))
+
+
+@dataclass
+class FusionConfig(StackConfig):
     """How the text stream meets the other modalities, for image-text matching and VQA.
 
     ``gated``: transformer blocks over the text tokens with a tanh-gated cross-attention block
-    (Flamingo) to the image and audio tokens before every ``every``-th one; ``bottleneck``:
+    (Flamingo) to the image and audio tokens after every ``every``-th one; ``bottleneck``:
     ``num_layers`` layers of attention bottlenecks (``bottleneck_tokens`` shared tokens) over the
     text, image and audio streams; ``concat``: concatenated pooled representations + MLP (the
     baseline for ablations); ``weighted``: a softmax-weighted sum of the pooled representations,
@@ -251,55 +273,35 @@ class FusionConfig:
     """
 
     kind: str = "gated"
-    num_layers: int = 2
-    """gated: transformer blocks of the fusion stream; bottleneck: fusion layers."""
+    """gated, bottleneck, concat or weighted (``num_layers``: gated's blocks, bottleneck's layers)."""
     every: int = 1
-    """gated: a gated cross-attention block before every this many blocks."""
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    """gated: a gated cross-attention block after every this many blocks."""
     bottleneck_tokens: int = 4
 
     def validate(self, prefix: str, hidden_size: int) -> None:
         _require(self.kind in FUSION_KINDS, f"{prefix}.kind={self.kind!r} is not one of {', '.join(FUSION_KINDS)}")
-        _require(self.num_layers >= 1, f"{prefix}.num_layers must be >= 1, got {self.num_layers}")
-        _require(self.every >= 1, f"{prefix}.every must be >= 1, got {self.every}")
+        super().validate(prefix, hidden_size)
         _require(
-            self.num_heads >= 1 and hidden_size % self.num_heads == 0,
-            f"{prefix}.num_heads={self.num_heads} does not divide model.text.hidden_size={hidden_size} (the "
-            "fusion runs at the text width); pick a head count that divides it",
+            1 <= self.every <= self.num_layers,
+            f"{prefix}.every={self.every} must be in [1, {prefix}.num_layers={self.num_layers}] (a gated block "
+            "after every this many blocks)",
         )
-        _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
         _require(self.bottleneck_tokens >= 1, f"{prefix}.bottleneck_tokens must be >= 1")
-
-    def ffn_size(self, hidden_size: int) -> int:
-        return int(round(hidden_size * self.mlp_ratio))
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(StackConfig):
     """The causal text decoder of captioning and generated answers: it cross-attends to the
     image and audio tokens (captions) or to the fused question (answers). Text-tower width."""
 
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
     positions: str = "learned"
     """``learned`` or ``rotary``."""
     label_smoothing: float = 0.0
 
     def validate(self, prefix: str, hidden_size: int) -> None:
-        _require(self.num_layers >= 1, f"{prefix}.num_layers must be >= 1, got {self.num_layers}")
-        _require(
-            self.num_heads >= 1 and hidden_size % self.num_heads == 0,
-            f"{prefix}.num_heads={self.num_heads} does not divide model.text.hidden_size={hidden_size} (the "
-            "decoder runs at the text width); pick a head count that divides it",
-        )
-        _require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        super().validate(prefix, hidden_size)
         _require(self.positions in ("learned", "rotary"), f"{prefix}.positions={self.positions!r} is not one of learned, rotary")
         _require(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing must be in [0, 1)")
-
-    def ffn_size(self, hidden_size: int) -> int:
-        return int(round(hidden_size * self.mlp_ratio))
 
 
 CONTRASTIVE_PAIRS = ("image_text", "audio_text", "image_audio")

@@ -134,6 +134,23 @@ def _any_rank(flag: bool, parallel: ParallelState) -> bool:
     return _dp_sum([float(flag)], parallel)[0] > 0
 
 
+def _rounds(
+    batches: Iterable[Batch], parallel: ParallelState, progress: Optional[Callable[[], None]] = None
+) -> Iterator[Optional[Batch]]:
+    """This rank's batches, one per round, then None while another data-parallel rank still has
+    some: every rank runs the same number of rounds (one small all-reduce each), as ZeRO-3's
+    collective weight gathers need. A rank given None computes on a placeholder and drops the
+    result. ``progress`` is called every round (a watchdog's heartbeat)."""
+    iterator = iter(batches)
+    while True:
+        if progress is not None:
+            progress()
+        batch = next(iterator, None)
+        if not _any_rank(batch is not None, parallel):
+            return
+        yield batch
+
+
 def evaluate_retrieval(
     runner: StepRunner,
     batches: Iterable[Batch],
@@ -158,14 +175,8 @@ def evaluate_retrieval(
     """
     extras = tuple(extras)
     local: dict[str, list[torch.Tensor]] = {}
-    iterator = iter(batches)
     scored_here = True
-    while True:
-        if progress is not None:
-            progress()
-        batch = next(iterator, None)
-        if not _any_rank(batch is not None, parallel):
-            break
+    for batch in _rounds(batches, parallel, progress):
         embeddings = runner.embed(_inputs(batch if batch is not None else placeholder, extras))
         scored_here = embeddings is not None
         if batch is not None and embeddings is not None:
@@ -224,15 +235,9 @@ def evaluate_generation(
     references: list[str] = []
     predicted: dict[str, list[str]] = {"vqa": [], "vqa_generative": []}
     answers: list[str] = []
-    iterator = iter(batches)
     engine.eval()
     with torch.no_grad():
-        while True:
-            if progress is not None:
-                progress()
-            batch = next(iterator, None)
-            if not _any_rank(batch is not None, parallel):
-                break
+        for batch in _rounds(batches, parallel, progress):
             inputs = {k: v.to(device_) for k, v in _inputs(batch if batch is not None else placeholder, extras).items()}
             question = {k: inputs.pop(k) for k in INPUT_FIELDS["qa"] if k in inputs}
             if objectives.captioning > 0:

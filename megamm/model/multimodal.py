@@ -127,60 +127,34 @@ class MultiModalTransformer(nn.Module):
         self.config = config
         self.dp_group = parallel.dp_group
         self.processor: Any = None
-        """Turns raw strings, images and waveforms into tensors (:mod:`megamm.processor`); None: tensors only."""
+        """Turns raw strings, images and waveforms into tensors (``megamm.data.Processor``); None: tensors only."""
         text, image, audio, objectives = config.text, config.image, config.audio, config.objectives
         group = parallel.tp_group
         init = weight_init(config, seed)
         dropouts = {"dropout": config.dropout, "attention_dropout": config.attention_dropout}
+
+        def tower(settings: Any) -> dict[str, Any]:
+            """The arguments every encoder takes, from its tower's config."""
+            return dict(
+                hidden_size=settings.hidden_size, num_layers=settings.num_layers, num_heads=settings.num_heads,
+                ffn_size=settings.ffn_size, group=group, init=init, sequence_parallel=sequence_parallel,
+                attention=tower_attention(settings), **dropouts,
+            )  # fmt: skip
+
         self.text_encoder = TextEncoder(
-            vocab_size=text.vocab_size,
-            max_length=text.max_length,
-            hidden_size=text.hidden_size,
-            num_layers=text.num_layers,
-            num_heads=text.num_heads,
-            ffn_size=text.ffn_size,
-            group=group,
-            init=init,
-            sequence_parallel=sequence_parallel,
-            attention=tower_attention(text),
-            learned_positions=text.positions == "learned",
-            **dropouts,
-        )
+            vocab_size=text.vocab_size, max_length=text.max_length, learned_positions=text.positions == "learned",
+            **tower(text),
+        )  # fmt: skip
         self.image_encoder = ImageEncoder(
-            image_size=image.image_size,
-            patch_size=image.patch_size,
-            channels=image.channels,
-            hidden_size=image.hidden_size,
-            num_layers=image.num_layers,
-            num_heads=image.num_heads,
-            ffn_size=image.ffn_size,
-            group=group,
-            init=init,
-            sequence_parallel=sequence_parallel,
-            attention=tower_attention(image),
-            **dropouts,
+            image_size=image.image_size, patch_size=image.patch_size, channels=image.channels, **tower(image)
         )
         self.audio_encoder: Optional[AudioEncoder] = None
         if audio.enabled:
             self.audio_encoder = AudioEncoder(
-                n_mels=audio.n_mels,
-                max_frames=audio.max_frames,
-                patch_size=(audio.patch_frequency, audio.patch_time),
-                hidden_size=audio.hidden_size,
-                num_layers=audio.num_layers,
-                num_heads=audio.num_heads,
-                ffn_size=audio.ffn_size,
-                group=group,
-                init=init,
-                sequence_parallel=sequence_parallel,
-                attention=tower_attention(audio),
-                sample_rate=audio.sample_rate,
-                n_fft=audio.n_fft,
-                hop_length=audio.hop_length,
-                mean=audio.mean,
-                std=audio.std,
-                **dropouts,
-            )
+                n_mels=audio.n_mels, max_frames=audio.max_frames, patch_size=(audio.patch_frequency, audio.patch_time),
+                sample_rate=audio.sample_rate, n_fft=audio.n_fft, hop_length=audio.hop_length, mean=audio.mean,
+                std=audio.std, **tower(audio),
+            )  # fmt: skip
         self.text_projection = Projection("text", text.hidden_size, config.embed_dim, init)
         self.image_projection = Projection("image", image.hidden_size, config.embed_dim, init)
         if audio.enabled:

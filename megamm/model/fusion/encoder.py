@@ -18,8 +18,7 @@ Everything runs at one width H (the text tower's); the model projects the other 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -38,9 +37,8 @@ TASKS = ("itm", "vqa")
 """The tasks that read the fused representation (``weighted`` keeps weights for each)."""
 
 
-@dataclass
-class Fused:
-    """The fusion encoder's output."""
+class Fused(NamedTuple):
+    """The fusion encoder's output (a named tuple: ZeRO-3's hooks see the tensors in it)."""
 
     pooled: torch.Tensor
     """(B, H): the fused representation the heads classify."""

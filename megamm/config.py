@@ -377,9 +377,30 @@ class ModelConfig:
 
     @property
     def num_pipeline_layers(self) -> int:
-        """Layers of the pipeline form (megamm/model/pipeline.py): two embeddings, the image
-        blocks and head, the text blocks and head, the temperature."""
-        return 2 + self.image.num_layers + 1 + self.text.num_layers + 1 + 1
+        """Layers of the pipeline form (megamm/model/pipeline.py): the embeddings (image, text,
+        audio), each tower's blocks and head, a context projection per context modality (with a
+        fusion or decoder), a temperature per contrastive head, the fusion (its input layer, then
+        for ``gated`` each block, each gated cross-attention block and the final norm, for the
+        other kinds one layer), the matching and answer heads, and the decoder (token embedding,
+        positions, blocks, final norm, tied LM head). The dual encoder: 2 + Li + 1 + Lt + 1 + 1."""
+        towers = [self.image, self.text] + ([self.audio] if self.audio.enabled else [])
+        layers = len(towers) + sum(tower.num_layers + 1 for tower in towers)
+        objectives = self.objectives
+        pairs = [pair for pair in CONTRASTIVE_PAIRS if getattr(objectives, pair) > 0]
+        layers += len(pairs)  # temperatures
+        layers += 1 if objectives.itm > 0 and "image_text" not in pairs else 0  # the temperature of mining
+        if self.uses_fusion or self.uses_decoder:
+            layers += len(self.modalities) - 1  # context projections
+        if self.uses_fusion:
+            fusion = self.fusion
+            if fusion.kind == "gated":
+                layers += 1 + fusion.num_layers + fusion.num_layers // fusion.every + 1
+            else:
+                layers += 1 + 1
+            layers += (objectives.itm > 0) + (objectives.vqa > 0)
+        if self.uses_decoder:
+            layers += 2 + self.decoder.num_layers + 2
+        return layers
 
     @property
     def data_extras(self) -> tuple[str, ...]:
@@ -672,12 +693,6 @@ class TrainConfig:
                 f"parallel.tensor_parallel={tp}; adjust {section}.mlp_ratio or the hidden size",
             )
         _require(
-            self.parallel.pipeline_parallel == 1 or model.is_dual_encoder,
-            f"parallel.pipeline_parallel={self.parallel.pipeline_parallel}: the pipeline form covers the image-text "
-            "dual encoder only so far (no audio encoder, fusion or decoder); train this model with "
-            "parallel.pipeline_parallel=1 (tensor and data parallelism, any ZeRO stage)",
-        )
-        _require(
             self.model.text.vocab_size % tp == 0,
             f"model.text.vocab_size={self.model.text.vocab_size} is not divisible by "
             f"parallel.tensor_parallel={tp}; round the vocabulary size up to a multiple of it",
@@ -695,9 +710,9 @@ class TrainConfig:
         pp, layers = self.parallel.pipeline_parallel, self.model.num_pipeline_layers
         _require(
             pp <= layers,
-            f"parallel.pipeline_parallel={pp} stages but the model has {layers} pipeline layers (2 embeddings, "
-            f"{self.model.image.num_layers} image blocks, the image head, {self.model.text.num_layers} text "
-            "blocks, the text head, the temperature); use fewer stages or more layers",
+            f"parallel.pipeline_parallel={pp} stages but the model has {layers} pipeline layers (embeddings, "
+            "tower blocks and heads, temperatures, and any context projections, fusion, heads and decoder layers: "
+            "ModelConfig.num_pipeline_layers); use fewer stages or more layers",
         )
         if pp > 1:
             pipeline_split(self.parallel.pipeline_partition, layers, pp)

@@ -57,8 +57,9 @@ CONTRASTIVE_HEADS = {"image_text": "contrastive", "audio_text": "contrastive_aud
 
 
 @dataclass
-class ModelOutput:
-    """What :meth:`MultiModalTransformer.forward` returns; also readable as ``output["loss"]``."""
+class ModelOutput(dict):
+    """What :meth:`MultiModalTransformer.forward` returns: a dataclass that is also a dict
+    (``output.loss`` or ``output["loss"]``), so that ZeRO-3's hooks find the tensors in it."""
 
     loss: Optional[torch.Tensor] = None
     """The weighted sum of :attr:`losses` (scalar); None without ``compute_loss``."""
@@ -73,11 +74,14 @@ class ModelOutput:
     vqa_logits: Optional[torch.Tensor] = None
     """(B, num_answers) answer logits of each row's question."""
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        dict.__setitem__(self, name, value)
 
-    def __contains__(self, key: str) -> bool:
-        return getattr(self, key, None) is not None
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(f"ModelOutput has no field {key!r}")
+        setattr(self, key, value)
 
 
 def _batch_generator(ids: torch.Tensor) -> torch.Generator:

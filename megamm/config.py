@@ -565,6 +565,8 @@ class DataConfig:
     """Path of a SentencePiece model (train one with tools/train_tokenizer.py)."""
     image_size: int = 32
     max_text_length: int = 32
+    max_audio_seconds: float = 1.0
+    """Audio is cut to this many seconds (with an audio encoder: model.audio.max_seconds)."""
     num_workers: int = 1
     """DataLoader worker processes per rank; shards are split over dp ranks x workers."""
     shuffle_buffer: int = 256
@@ -583,6 +585,12 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer must be >= 0")
         _require(self.image_size > 0, f"{prefix}.image_size must be positive")
         _require(self.max_text_length >= 3, f"{prefix}.max_text_length must be >= 3")
+        tenths = self.max_audio_seconds * 10
+        _require(
+            self.max_audio_seconds > 0 and abs(tenths - round(tenths)) < 1e-9,
+            f"{prefix}.max_audio_seconds={self.max_audio_seconds} must be a positive multiple of 0.1 s (batches pad "
+            "audio in steps of 0.1 s), e.g. 1.0 or 10.0",
+        )
 
 
 @dataclass
@@ -706,6 +714,11 @@ class TrainConfig:
             self.data.max_text_length == self.model.text.max_length,
             f"data.max_text_length={self.data.max_text_length} differs from model.text.max_length="
             f"{self.model.text.max_length}; set both to the same value",
+        )
+        _require(
+            not self.model.audio.enabled or self.data.max_audio_seconds == self.model.audio.max_seconds,
+            f"data.max_audio_seconds={self.data.max_audio_seconds} differs from model.audio.max_seconds="
+            f"{self.model.audio.max_seconds}; set both to the same value",
         )
         pp, layers = self.parallel.pipeline_parallel, self.model.num_pipeline_layers
         _require(

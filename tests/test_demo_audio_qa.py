@@ -391,3 +391,14 @@ def test_global_batches_slice_every_field(demo: Path, tokenizer: Tokenizer) -> N
     for step, batch in enumerate(whole):
         for name in ("audio", "audio_lengths", "has_audio", "question_ids", "answer", "answer_mask"):
             assert torch.equal(torch.cat([halves[0][step][name], halves[1][step][name]]), batch[name]), name
+
+
+def test_audio_is_cut_to_data_max_audio_seconds(demo: Path, tokenizer: Tokenizer) -> None:
+    """data.max_audio_seconds cuts every clip (0.4-0.6 s in the demo) and bounds the padding."""
+    from dataclasses import replace
+
+    full = next(iter_eval_batches(data_cfg(demo), tokenizer, 16))
+    cut = next(iter_eval_batches(replace(data_cfg(demo), max_audio_seconds=0.3), tokenizer, 16))
+    assert int(full["audio_lengths"].max()) > 4800  # the clips are longer than 0.3 s
+    assert cut["audio_lengths"].tolist() == full["audio_lengths"].clamp(max=4800).tolist()
+    assert cut["audio"].shape[1] == 4800 and torch.equal(cut["audio"], full["audio"][:, :4800])

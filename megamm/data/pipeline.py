@@ -65,7 +65,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _MAX_WARNINGS = 5
 
 MAX_AUDIO_SECONDS = 1.0
-"""Audio is cut to this length (there is no config field for it)."""
+"""Audio is cut to ``data.max_audio_seconds``, by default this length."""
 MAX_AUDIO_SAMPLES = int(MAX_AUDIO_SECONDS * SAMPLE_RATE)
 AUDIO_PAD_MULTIPLE = 1600
 """A batch's audio is padded to its longest clip rounded up to a multiple of this (0.1 s), at least
@@ -257,6 +257,11 @@ def answer_index(answer: str) -> int:
     return ANSWER_INDEX.get(" ".join(answer.lower().split()), NO_ANSWER)
 
 
+def max_audio_samples(cfg: DataConfig) -> int:
+    """Samples of ``data.max_audio_seconds`` at :data:`SAMPLE_RATE`: audio is cut to this length."""
+    return int(round(cfg.max_audio_seconds * SAMPLE_RATE))
+
+
 def padded_audio_length(longest: int) -> int:
     """The padded length S of a batch whose longest clip has ``longest`` samples."""
     return max(1, -(-longest // AUDIO_PAD_MULTIPLE)) * AUDIO_PAD_MULTIPLE
@@ -297,6 +302,7 @@ class _BatchBuilder:
         self.tokenizer = tokenizer
         self.image_size = cfg.image_size
         self.max_length = cfg.max_text_length
+        self.max_audio_samples = max_audio_samples(cfg)
         self.seed = cfg.seed
         self.log = log
         self._reset()
@@ -322,7 +328,7 @@ class _BatchBuilder:
         audio = None
         if candidate.audio_bytes is not None:
             try:
-                audio = decode_wav(candidate.audio_bytes)[:MAX_AUDIO_SAMPLES]
+                audio = decode_wav(candidate.audio_bytes)[: self.max_audio_samples]
             except WavError as err:
                 self.log.add(f"{candidate.key!r}: wav does not decode ({err})")
                 return False

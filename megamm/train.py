@@ -319,7 +319,9 @@ class Trainer:
         """Ends this rank if it stops making progress (a hung peer); told of every step, save and eval batch."""
         self.device = device()
         global_batch = config.micro_batch_size * config.grad_accum_steps * parallel.dp_size
-        self.flops_per_sample = model_flops_per_sample(config.model, global_batch=global_batch).training
+        self.flops_per_sample = model_flops_per_sample(
+            config.model, global_batch=global_batch, micro_batch=config.micro_batch_size
+        ).training
         self.image_tokens = image_tokens(config.model.image)
         self.tokens_here = 0
         """Image and (unpadded) text tokens this rank has trained on since the last log line."""

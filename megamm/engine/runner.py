@@ -24,7 +24,8 @@ and audio, questions and answers where the model reads them), on the host."""
 Embeddings = dict[str, torch.Tensor]
 """L2-normalised (B, E) embeddings by modality (``"image"``, ``"text"``, ``"audio"``)."""
 PIPELINE_INPUTS = ("image", "text_ids", "text_mask")
-"""What the pipeline form's first stage reads, in order."""
+"""What the dual encoder's pipeline form's first stage reads, in order (the whole model's says its
+``input_names``, :func:`megamm.model.pipeline.pipeline_inputs`)."""
 Phase = Callable[[str], ContextManager[None]]
 
 
@@ -101,22 +102,36 @@ class PlainRunner(StepRunner):
 class PipelineRunner(StepRunner):
     """A ``PipelineEngine`` (pipeline x data x tensor parallelism, ZeRO stage 0 or 1).
 
-    Every stage is handed the same micro-batches (the first stage reads the inputs, the last
-    the placeholder labels); the loss comes back from the last stage, averaged over data-parallel
-    ranks, on every rank.
+    Every stage is handed the same micro-batches (the first stage reads the inputs the model's
+    ``input_names`` name, in that order; the last the placeholder labels); the loss comes back from
+    the last stage, averaged over data-parallel ranks, on every rank. :attr:`objective_losses`:
+    each objective's own loss, this rank's mean over the last step's micro-batches, on the last
+    stage (empty elsewhere).
     """
 
     phases = ("pipeline",)
 
+    def __init__(self, engine: Any, parallel: ParallelState) -> None:
+        super().__init__(engine, parallel)
+        self.objective_losses: dict[str, float] = {}
+        module = engine.module
+        self.input_names: tuple[str, ...] = tuple(getattr(module, "input_names", PIPELINE_INPUTS))
+        self.output_names: tuple[str, ...] = tuple(getattr(module, "output_names", ("image_emb", "text_emb", "scale")))
+
+    def _data(self, micro_batches: Sequence[Inputs]) -> Any:
+        return iter([(_pipeline_inputs(inputs, self.input_names), torch.zeros(1)) for inputs in micro_batches])
+
     def train_step(self, micro_batches: Sequence[Inputs], phase: Phase = _no_phase) -> float:
-        data = iter([(_pipeline_inputs(inputs), torch.zeros(1)) for inputs in micro_batches])
+        data = self._data(micro_batches)
         with phase("pipeline"):
             loss = self.engine.train_batch(data)
             clamp_parameters(self.engine)
+        take = getattr(self.engine.module, "take_objective_losses", None)
+        self.objective_losses = take() if take is not None else {}
         return float(loss)
 
     def embed(self, inputs: Inputs) -> Optional[Embeddings]:
-        data = iter([(_pipeline_inputs(inputs), torch.zeros(1))])
+        data = self._data([inputs])
         # eval_batch sums its outputs into the loss total that the last train_batch left (a
         # scalar); our outputs are a tuple, so start the total afresh (train_batch does too).
         self.engine.total_loss = None
@@ -126,8 +141,8 @@ class PipelineRunner(StepRunner):
         self.engine.train()
         if not self.engine.is_last_stage():
             return None
-        image_emb, text_emb, _ = outputs
-        return {"image": image_emb, "text": text_emb}
+        values = dict(zip(self.output_names, outputs))
+        return {m: values[f"{m}_emb"] for m in ("image", "text", "audio") if f"{m}_emb" in values}
 
     def share(self, value: Any) -> Any:
         p = self.parallel
@@ -137,8 +152,16 @@ class PipelineRunner(StepRunner):
         return box[0]
 
 
-def _pipeline_inputs(inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    return tuple(inputs[name] for name in PIPELINE_INPUTS)
+def _pipeline_inputs(inputs: Inputs, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """The first stage's input tuple: ``inputs`` in the order of ``names``.
+
+    Raises:
+        KeyError: naming the inputs the model reads but the batch lacks.
+    """
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise KeyError(f"the pipeline's first stage reads {', '.join(missing)}, which the batch lacks")
+    return tuple(inputs[name] for name in names)
 
 
 def make_runner(engine: Any, parallel: ParallelState) -> StepRunner:

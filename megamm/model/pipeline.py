@@ -857,15 +857,15 @@ class ContrastiveLoss:
 class MultiModalLoss:
     """The whole model's loss function: each contrastive pair's InfoNCE over the data-parallel
     group (rows lacking either side masked), plus the losses the layers computed, weighted by
-    ``model.objectives`` and summed in the plain model's order. :attr:`last` keeps the last call's
-    objectives' own losses (floats)."""
+    ``model.objectives`` and summed in the plain model's order. Each call's objectives' own losses
+    are kept (floats) until :meth:`take_scored`."""
 
     def __init__(self, config: ModelConfig, dp_group: ProcessGroup, fields: Sequence[str]) -> None:
         self.fields = tuple(fields)
         self.dp_group = dp_group
         self.weights = config.objectives.weights()
         self.pairs = _pairs(config)
-        self.last: dict[str, float] = {}
+        self.scored: list[dict[str, float]] = []
 
     def __call__(self, outputs: Stream, labels: Any) -> torch.Tensor:
         values = dict(zip(self.fields, outputs))
@@ -887,8 +887,14 @@ class MultiModalLoss:
         for name, value in values.items():
             if name not in read and value.is_floating_point():
                 total = total + (value * 0).sum()
-        self.last = {name: float(loss.detach()) for name, loss in losses.items()}
+        self.scored.append({name: float(loss.detach()) for name, loss in losses.items()})
         return total
+
+    def take_scored(self) -> dict[str, float]:
+        """Each objective's own loss, the mean over the calls since the last take (then forgotten)."""
+        scored, self.scored = self.scored, []
+        names = {name for losses in scored for name in losses}
+        return {name: sum(losses[name] for losses in scored) / len(scored) for name in sorted(names)}
 
 
 def _pairs(config: ModelConfig) -> tuple[str, ...]:
@@ -1213,10 +1219,11 @@ class MultiModalPipeline(PipelineModule):
             if isinstance(module, BlockLayer):
                 module.activation_checkpointing = enabled
 
-    def objective_losses(self) -> dict[str, float]:
-        """Each objective's own loss at the last micro-batch the loss function scored (the last
-        stage; empty elsewhere and for the dual encoder)."""
-        return dict(getattr(self.loss_fn, "last", {}) or {})
+    def take_objective_losses(self) -> dict[str, float]:
+        """Each objective's own loss, the mean over the micro-batches the loss function scored since
+        the last call (on the last stage; empty elsewhere and for the dual encoder)."""
+        take = getattr(self.loss_fn, "take_scored", None)
+        return take() if take is not None else {}
 
 
 def stream_values(names: Sequence[str], stream: Stream) -> Mapping[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job on one machine: set up the venv, generate the demo WebDataset shards, train a
-# SentencePiece tokenizer on their captions, train the tiny multi-modal model with 4 ranks
-# (tensor parallel 2 x data parallel 2, ZeRO-3) through the deepspeed launcher, and evaluate
-# held-out retrieval. Re-running it resumes from (or re-evaluates) the last checkpoint.
+# The main job on one machine: set up the venv, generate the demo WebDataset shards (images,
+# captions, sounds, questions), train a SentencePiece tokenizer on their text, train the whole
+# tiny multi-modal model (image, text and audio encoders, fusion, caption decoder, every
+# objective) with 4 ranks (tensor parallel 2 x data parallel 2, ZeRO-3) through the deepspeed
+# launcher, and evaluate it on the held-out shards: retrieval R@1 for each modality pair, caption
+# BLEU-4 and VQA accuracy. Re-running it resumes from (or re-evaluates) the last checkpoint.
 #   RUN_DIR      where checkpoints and TensorBoard logs go (default runs/quickstart)
 #   NUM_RANKS    processes on this machine (default 4; GPUs when there are any)
 #   MASTER_PORT  rendezvous port on 127.0.0.1 (default 29500)

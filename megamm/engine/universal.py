@@ -257,7 +257,7 @@ def recorded_split_info(source: Path) -> dict[str, Any]:
     """The split patterns checkpoint ``source`` records (its first model-states file's client state)."""
     import torch
 
-    files = sorted(source.glob("*model_states.pt"))
+    files = sorted(f for f in source.glob("*model_states.pt") if not f.name.startswith("layer_"))  # not pipeline layers
     if not files:
         raise ValueError(f"{source} holds no *model_states.pt file: not a DeepSpeed checkpoint")
     state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)

@@ -5,7 +5,7 @@
   onto the plain model's parameter holding the same seeded weights, and back.
 - One process: the layers run in turn (the tied embedding used twice) give the plain model's loss
   and every parameter's gradient, for every fusion kind.
-- DeepSpeed: the ``tiny`` recipe at PP=2 and at TP=2 x PP=2 (DeepSpeed's ``PipelineEngine``,
+- DeepSpeed: the ``tiny`` recipe at PP=2, at TP=2 x PP=2 and at PP=4 (DeepSpeed's ``PipelineEngine``,
   ZeRO-1, two micro-batches in flight) trains 5 steps on fixed batches to the losses and weights
   of one process training the plain model with torch AdamW, megamm's schedule, gradient clipping
   and the logit-scale bound.
@@ -227,8 +227,10 @@ def _pipeline_run(rank: int, world: int, overrides: tuple[str, ...], reference: 
         # the decoder cut between stages: its tied token embedding lives on both
         (4, ("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1",
              "parallel.pipeline_partition=27,4")),
+        # middle stages receive both activations (masks and token ids among them) and gradients
+        (4, ("parallel.pipeline_parallel=4", "parallel.zero_stage=1")),
     ],
-    ids=["pp2", "tp2xpp2"],
+    ids=["pp2", "tp2xpp2", "pp4"],
 )  # fmt: skip
 def test_whole_model_pipeline_trains_to_the_losses_of_one_process(tmp_path: Path, world: int, overrides: tuple) -> None:
     config = _config(*overrides)

@@ -9,6 +9,7 @@ schedules forward and backward passes over the stages and steps once. The loop
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
@@ -113,6 +114,7 @@ class PipelineRunner(StepRunner):
 
     def __init__(self, engine: Any, parallel: ParallelState) -> None:
         super().__init__(engine, parallel)
+        _buffers_by_dtype(engine)
         self.objective_losses: dict[str, float] = {}
         module = engine.module
         self.input_names: tuple[str, ...] = tuple(getattr(module, "input_names", PIPELINE_INPUTS))
@@ -150,6 +152,28 @@ class PipelineRunner(StepRunner):
         box = [value if p.rank == source else None]
         dist.broadcast_object_list(box, src=source)
         return box[0]
+
+
+def _buffers_by_dtype(engine: Any) -> None:
+    """Make ``engine`` keep its receive buffers by (position, dtype).
+
+    DeepSpeed's ``PipelineEngine`` keeps one pool of receive buffers by position in the tuple,
+    shared by the activations a stage receives and the gradients it receives for what it sent,
+    and reuses a large enough buffer whatever its dtype: a stage in the middle of the pipeline
+    whose stream holds boolean or integer fields (masks, token ids) among its float ones would
+    receive a mask into a float buffer. With one pool per dtype every field arrives in its own.
+    """
+    pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def allocate_or_extend(idx: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = pool.get((idx, dtype))
+        if buffer is None or buffer.numel() < numel:
+            pool[(idx, dtype)] = engine._allocate_buffer(shape, dtype=dtype, num_buffers=1)[0]
+            return pool[(idx, dtype)]
+        return buffer.flatten()[:numel].view(shape)
+
+    engine._allocate_or_extend_buffers = allocate_or_extend
 
 
 def _pipeline_inputs(inputs: Inputs, names: Sequence[str]) -> tuple[torch.Tensor, ...]:

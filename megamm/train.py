@@ -486,7 +486,9 @@ class Trainer:
         client_state = {
             "train_state": asdict(self.state),
             "config": to_dict(self.config),
-            UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(self.config.model.text.vocab_size),
+            UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(
+                self.config.model.text.vocab_size, [name for name, _ in self.engine.module.named_parameters()]
+            ),
         }
         # This rank's random streams (dropout draws from them), for an exact resume; the same on every
         # data-parallel rank, so DeepSpeed keeping data-parallel rank 0's client state loses nothing.

@@ -31,8 +31,6 @@ RUN = {
     "micro_batch_size": "4",
     "train_steps": "2",
     "checkpoint.save_interval": "2",
-    "model.objectives.captioning": "0",
-    "model.objectives.vqa_generative": "0",
 }
 FIELDS = ("image", "text_ids", "text_mask", "audio", "audio_lengths", "has_audio", "question_ids", "question_mask", "answer")
 

@@ -56,9 +56,9 @@ def _tiny_model(**overrides: str) -> PlainModel:
 def _outputs(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     keys = ("image", "text_ids", "text_mask", "audio", "audio_lengths", "has_audio", "question_ids", "question_mask",
             "answer", "answer_ids", "answer_mask")  # fmt: skip
-    torch.manual_seed(0)  # the hard negatives of image-text matching are drawn at random
+    torch.manual_seed(0)
     with torch.no_grad():
-        out = model(**{k: batch[k] for k in keys})
+        out = model(**{k: batch[k] for k in keys}, compute_loss=True)
     values = {name: getattr(out, name) for name in ("image_emb", "text_emb", "audio_emb", "itm_logits", "vqa_logits")}
     return {**values, **{f"loss/{name}": loss for name, loss in out.losses.items()}, "loss": out.loss}
 

@@ -298,11 +298,11 @@ def _dropout_streams(rank: int, world: int) -> None:
                 assert torch.equal(image_emb, everyone[0][1]) and torch.equal(loss, everyone[0][2])
             model.eval()
             with torch.no_grad():  # in evaluation, no dropout: the model without dropout's numbers
-                evaluated = model(*inputs)["loss"]
+                evaluated = model(*inputs, compute_loss=True)["loss"]
             assert not torch.allclose(evaluated, out["loss"]), "dropout changed nothing in training"
             reference = _model(_config(), state, sequence_parallel=sp).eval()
             with torch.no_grad():
-                torch.testing.assert_close(evaluated, reference(*inputs)["loss"], atol=0, rtol=0)
+                torch.testing.assert_close(evaluated, reference(*inputs, compute_loss=True)["loss"], atol=0, rtol=0)
 
         checks.run(f"{tag}: attention-probability dropout", attention)
         checks.run(f"{tag}: hidden-state dropout", hidden)

@@ -131,7 +131,7 @@ class MultiModalTransformer(nn.Module):
         self.config = config
         self.dp_group = parallel.dp_group
         self.processor: Any = None
-        """Turns raw strings, images and waveforms into tensors (``megamm.data.Processor``); None: tensors only."""
+        """Turns raw strings, images and waveforms into tensors (:class:`megamm.data.Processor`); None: tensors only."""
         text, image, audio, objectives = config.text, config.image, config.audio, config.objectives
         group = parallel.tp_group
         init = weight_init(config, seed)
@@ -316,10 +316,11 @@ class MultiModalTransformer(nn.Module):
         image: Any = None,
         text_ids: Optional[torch.Tensor] = None,
         text_mask: Optional[torch.Tensor] = None,
-        compute_loss: bool = True,
+        compute_loss: Optional[bool] = None,
         **inputs: Any,
     ) -> ModelOutput:
-        """Embeddings, head logits and (with ``compute_loss``) every objective's loss of one batch.
+        """Embeddings, head logits and (with ``compute_loss``; by default in training mode only)
+        every objective's loss of one batch.
 
         Tensors: image (B, C, S, S), text_ids / text_mask (B, T), audio (B, S) with audio_lengths
         (B,), question_ids / question_mask (B, T), answer (B,) (-1: none), answer_ids /
@@ -328,6 +329,7 @@ class MultiModalTransformer(nn.Module):
         NumPy waveforms.
         """
         t = self._prepare({"image": image, "text_ids": text_ids, "text_mask": text_mask, **inputs})
+        compute_loss = self.training if compute_loss is None else compute_loss
         cfg = self.config
         encoded = self._encode(t)
         out = ModelOutput(

@@ -524,6 +524,22 @@ class Trainer:
             )
 
 
+def _summary(metrics: dict[str, float]) -> str:
+    """The held-out metrics beyond image-text retrieval, for the console:
+    ``audio->text R@1 0.650, ..., caption BLEU-4 23.3, VQA accuracy 0.900, ...``."""
+    parts = [
+        f"{name[: -len('_R@1')].replace('_to_', '->')} R@1 {value:.3f}"
+        for name, value in sorted(metrics.items())
+        if name.endswith("_R@1") and name not in ("text_to_image_R@1", "image_to_text_R@1")
+    ]
+    if "caption_BLEU-4" in metrics:
+        parts.append(f"caption BLEU-4 {metrics['caption_BLEU-4']:.1f}")
+    for name, label in (("vqa_accuracy", "VQA accuracy"), ("vqa_generative_accuracy", "generated-answer VQA accuracy")):
+        if name in metrics:
+            parts.append(f"{label} {metrics[name]:.3f}")
+    return ", ".join(parts)
+
+
 def _duration(seconds: float) -> str:
     """``1h02m``, ``3m20s``, ``42s``."""
     if seconds == float("inf"):
@@ -731,11 +747,9 @@ def _train(
             f"image->text R@1 {metrics['image_to_text_R@1']:.3f}",
             flush=True,
         )
-        more = [f"{name} {metrics[name]:.3f}" for name in sorted(metrics) if name.endswith("R@1") and "text_to_image" not in name and "image_to_text" not in name]
-        more += [f"caption BLEU-4 {metrics['caption_BLEU-4']:.1f}"] if "caption_BLEU-4" in metrics else []
-        more += [f"{name.replace('_', ' ')} {metrics[name]:.3f}" for name in ("vqa_accuracy", "vqa_generative_accuracy") if name in metrics]
+        more = _summary(metrics)
         if more:
-            print("held-out: " + ", ".join(more), flush=True)
+            print(f"held-out: {more}", flush=True)
         print(f"look at the run: tensorboard --logdir {config.logging.tensorboard_dir}", flush=True)
     dist.barrier()
     return metrics

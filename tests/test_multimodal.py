@@ -70,20 +70,21 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-6), msg=what)
 
 
-def _run(config, parallel: ParallelState) -> tuple[MultiModalTransformer, Any]:
-    torch.manual_seed(0)  # the weights and the hard negatives' draws
-    model = MultiModalTransformer(config.model, parallel)
+def _run(config, parallel: ParallelState, sequence_parallel: bool = False) -> tuple[MultiModalTransformer, Any]:
+    torch.manual_seed(0)
+    model = MultiModalTransformer(config.model, parallel, sequence_parallel=sequence_parallel)
     out = model(**_batch(config))
     out.loss.backward()
     return model, out
 
 
-def _tp_parity(rank: int, world: int, kinds: tuple[str, ...]) -> None:
+def _tp_parity(rank: int, world: int, cases: tuple[tuple[str, bool], ...]) -> None:
     parallel = ParallelState.initialize(tensor_parallel=world)
-    for kind in kinds:
+    for kind, sequence_parallel in cases:
         config = _config(kind)
         reference, expected = _run(config, ParallelState.single())
-        model, out = _run(config, parallel)
+        model, out = _run(config, parallel, sequence_parallel)
+        kind = f"{kind}{' + sequence parallel' if sequence_parallel else ''}"
         assert sorted(out.losses) == sorted(OBJECTIVES), sorted(out.losses)
         _close(out.loss, expected.loss, f"{kind}: loss")
         for name, value in expected.losses.items():
@@ -100,10 +101,12 @@ def _tp_parity(rank: int, world: int, kinds: tuple[str, ...]) -> None:
 
 
 def test_whole_model_tp2_equals_one_process(tmp_path) -> None:
-    """Every objective and fusion kind at TP=2: the total and per-objective losses, embeddings, head
-    logits and every parameter's gradient (each rank's shard of the full one) equal one process's,
-    fp32."""
-    run_distributed(_tp_parity, 2, tmp_path, ("gated", "bottleneck", "concat", "weighted"), timeout=240)
+    """Every objective and fusion kind at TP=2, and with sequence parallelism in the encoders (their
+    token sequences gathered for the fusion and the decoder): the total and per-objective losses,
+    embeddings, head logits and every parameter's gradient (each rank's shard of the full one)
+    equal one process's, fp32."""
+    cases = (("gated", False), ("bottleneck", False), ("concat", False), ("weighted", False), ("gated", True))
+    run_distributed(_tp_parity, 2, tmp_path, cases, timeout=240)
 
 
 def test_every_parameter_learns_from_a_full_batch() -> None:

@@ -210,7 +210,7 @@ def _whole(kind: str = "gated", *extra: str) -> ModelConfig:
         "model.image.num_layers=1", "model.image.num_heads=2",
         "model.audio.hidden_size=40", "model.audio.num_layers=1", "model.audio.num_heads=2",
         "model.audio.n_mels=16", "model.audio.patch_frequency=8", "model.audio.patch_time=4",
-        "model.audio.max_seconds=0.3",
+        "model.audio.max_seconds=0.3", "data.max_audio_seconds=0.3",
         f"model.fusion.kind={kind}", "model.fusion.num_layers=2", "model.fusion.num_heads=2",
         "model.fusion.mlp_ratio=3.0", "model.fusion.bottleneck_tokens=3",
         "model.decoder.num_layers=1", "model.decoder.num_heads=2", "model.decoder.mlp_ratio=2.0",
@@ -362,7 +362,7 @@ def test_tiny_recipe_matches_flop_counter(one_thread: Any) -> None:
     count = model_flops_per_sample(config, global_batch=batch)
     counted = _counted_whole(config, batch, backward=False, attention="mapped")
     assert counted == count.forward
-    assert count.breakdown["audio_blocks"] == 2 * transformer_block_flops(53, 64, 256)  # 13 x 4 patches + class
+    assert count.breakdown["audio_blocks"] == 2 * transformer_block_flops(29, 64, 256)  # 7 x 4 patches + class
 
 
 def test_spectrogram_counts_the_mel_filterbank_not_the_fft() -> None:

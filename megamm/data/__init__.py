@@ -31,8 +31,9 @@ from megamm.data.pipeline import (
     images_to_tensor,
     iter_eval_batches,
     placeholder_batch,
+    square_rgb,
 )
-from megamm.data.processor import PROCESSOR_FILE, TOKENIZER_FILE, Processor, square_rgb
+from megamm.data.processor import PROCESSOR_FILE, TOKENIZER_FILE, Processor
 from megamm.data.shards import (
     SIZES_FILE,
     brace_expand,

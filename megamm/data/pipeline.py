@@ -278,7 +278,13 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     Raises whatever PIL raises for corrupt data.
     """
     with Image.open(io.BytesIO(data)) as image:
-        rgb = image.convert("RGB")
+        return square_rgb(image, image_size)
+
+
+def square_rgb(image: Image.Image, image_size: int) -> np.ndarray:
+    """A PIL image -> (image_size, image_size, 3) uint8 RGB, as the loaders make it: converted to
+    RGB, centre-cropped to a square, resized (bicubic) if its size differs."""
+    rgb = image.convert("RGB")
     width, height = rgb.size
     if width != height:
         side = min(width, height)

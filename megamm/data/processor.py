@@ -26,7 +26,7 @@ from PIL import Image
 
 from megamm.config import ConfigError, ModelConfig
 from megamm.data.audio import SAMPLE_RATE, pcm_to_float
-from megamm.data.pipeline import MAX_AUDIO_SAMPLES, images_to_tensor, padded_audio_length
+from megamm.data.pipeline import MAX_AUDIO_SAMPLES, images_to_tensor, padded_audio_length, square_rgb
 from megamm.data.tokenizer import Tokenizer
 from megamm.fileio import atomic_output
 
@@ -36,20 +36,6 @@ FORMAT_VERSION = 1
 
 ImageLike = Union[Image.Image, np.ndarray]
 Texts = Union[str, Sequence[str]]
-
-
-def square_rgb(image: Image.Image, image_size: int) -> np.ndarray:
-    """A PIL image -> (image_size, image_size, 3) uint8 RGB, as the training loader makes it:
-    converted to RGB, centre-cropped to a square, resized (bicubic) if its size differs."""
-    rgb = image.convert("RGB")
-    width, height = rgb.size
-    if width != height:
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        rgb = rgb.crop((left, top, left + side, top + side))
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _as_pil(image: ImageLike, index: int) -> Image.Image:
@@ -245,4 +231,4 @@ class Processor:
         )
 
 
-__all__ = ["PROCESSOR_FILE", "TOKENIZER_FILE", "Processor", "square_rgb"]
+__all__ = ["PROCESSOR_FILE", "TOKENIZER_FILE", "Processor"]

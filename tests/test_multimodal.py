@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
 import torch
 
 from megamm.config import load_config

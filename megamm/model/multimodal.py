@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import CONTRASTIVE_PAIRS, ModelConfig
@@ -40,7 +39,14 @@ from megamm.model.encoders import AudioEncoder, ImageEncoder, TextEncoder
 from megamm.model.fusion.encoder import Fused, FusionEncoder
 from megamm.model.heads import ContrastiveHead, Projection
 from megamm.model.init import WeightInit
-from megamm.model.objectives import NO_ANSWER, ImageTextMatchingHead, VQAClassifier, answer_loss, mine_hard_negatives
+from megamm.model.objectives import (
+    NO_ANSWER,
+    ImageTextMatchingHead,
+    VQAClassifier,
+    answer_loss,
+    batch_generator,
+    matching_pairs,
+)
 from megamm.parallel import ParallelState
 
 
@@ -82,15 +88,6 @@ class ModelOutput(dict):
         if key not in self.__dataclass_fields__:
             raise KeyError(f"ModelOutput has no field {key!r}")
         setattr(self, key, value)
-
-
-def _batch_generator(ids: torch.Tensor) -> torch.Generator:
-    """A CPU generator seeded by the batch's token ids: the hard negatives a batch draws depend on
-    the batch alone, so they are the same in every parallel layout and form (the pipeline's
-    stages consume the global random stream differently) and after any resume."""
-    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device)  # (T,)
-    checksum = int(((ids.long() % 1_000_003) * weights).sum().item())
-    return torch.Generator(device="cpu").manual_seed(checksum % (2**63 - 1))
 
 
 class ContextProjection(nn.Module):
@@ -369,26 +366,18 @@ class MultiModalTransformer(nn.Module):
         image, an image for each caption) mined from the image-text similarities; pairs with a
         missing side count for nothing. Returns the loss and the positives' logits (B, 2)."""
         valid = t["has_image"] & t["has_text"]  # (B,)
-        hidden = -1e4  # masked similarity: a missing row is drawn only when nothing else is left
         with torch.no_grad():
             similarity = self.contrastive.scale() * out.image_emb @ out.text_emb.T  # (B, B)
-            similarity = similarity.masked_fill(~valid[None, :], hidden).masked_fill(~valid[:, None], hidden)
-        text_for_image, image_for_text = mine_hard_negatives(similarity, _batch_generator(t["text_ids"]), self.itm_head.group)
-        index = torch.arange(valid.shape[0], device=valid.device)
-        images = torch.cat([index, index, image_for_text])  # (3B,)
-        texts = torch.cat([index, text_for_image, index])  # (3B,)
+        generator = batch_generator(t["text_ids"])
+        images, texts, weight = matching_pairs(similarity, valid, generator, self.itm_head.group)  # (3B,) each
         tokens, masks = context
         only_image = {m: (masks[m][images] if m == "image" else torch.zeros_like(masks[m][images])) for m in masks}
         fused = self._fuse(
             encoded["text"].tokens[texts], t["text_mask"][texts], {m: x[images] for m, x in tokens.items()},
             only_image, {"text": encoded["text"].pooled[texts]}, "itm",
         )  # fmt: skip
-        logits = self.itm_head(fused.pooled).float()  # (3B, 2)
-        batch = valid.shape[0]
-        labels = (torch.arange(3 * batch, device=logits.device) < batch).long()  # (3B,): 1 for the positives
-        weight = (valid[images] & valid[texts]).to(logits.dtype)  # (3B,)
-        losses = F.cross_entropy(logits, labels, reduction="none")  # (3B,)
-        return (losses * weight).sum() / weight.sum().clamp_min(1), logits[:batch]
+        loss, logits = self.itm_head.pairs_loss(fused.pooled, weight)  # (), (3B, 2)
+        return loss, logits[: valid.shape[0]]
 
     def _fuse(
         self,

@@ -72,6 +72,47 @@ def mine_hard_negatives(
     return negatives[0], negatives[1]
 
 
+def batch_generator(ids: torch.Tensor) -> torch.Generator:
+    """A CPU generator seeded by a batch's token ids (B, T): the hard negatives a batch draws depend
+    on the batch alone, so they are the same in every parallel layout and form (the pipeline's
+    stages consume the global random stream differently) and after any resume."""
+    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device)  # (T,)
+    checksum = int(((ids.long() % 1_000_003) * weights).sum().item())
+    return torch.Generator(device="cpu").manual_seed(checksum % (2**63 - 1))
+
+
+MASKED_SIMILARITY = -1e4
+"""The similarity given to a pair with a missing side: such a row is drawn as a negative only
+when no other row is left."""
+
+
+def matching_pairs(
+    similarity: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    group: ProcessGroup = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 3B (image, text) pairs the matching loss scores: the B positives (i, i), then each
+    image with its hard negative text, then each text with its hard negative image
+    (:func:`mine_hard_negatives` over ``similarity`` (B, B)).
+
+    ``valid`` (B,) bool: the rows that have both an image and a text (None: all); the others are
+    masked out of the similarities. Returns ``(images (3B,), texts (3B,), weight (3B,) bool)``,
+    ``weight`` marking the pairs whose both sides exist.
+    """
+    batch = similarity.shape[0]
+    if valid is None:
+        valid = torch.ones(batch, dtype=torch.bool, device=similarity.device)
+    else:
+        masked = similarity.detach().masked_fill(~valid[None, :], MASKED_SIMILARITY)
+        similarity = masked.masked_fill(~valid[:, None], MASKED_SIMILARITY)  # (B, B)
+    text_for_image, image_for_text = mine_hard_negatives(similarity, generator, group)
+    index = torch.arange(batch, device=text_for_image.device)  # (B,)
+    images = torch.cat([index, index, image_for_text])  # (3B,)
+    texts = torch.cat([index, text_for_image, index])  # (3B,)
+    return images, texts, valid[images] & valid[texts]
+
+
 class _ParallelMLPHead(nn.Module):
     """Column-parallel ``hidden -> inner``, GELU, row-parallel ``inner -> outputs``: (N, H) -> (N, outputs),
     whole and alike on every rank. Weights drawn in the piece ``"{name}.head"``."""
@@ -138,6 +179,17 @@ class ImageTextMatchingHead(nn.Module):
         )  # (P + M,)
         return F.cross_entropy(logits.float(), labels)
 
+    def pairs_loss(self, pooled: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matching loss of :func:`matching_pairs`' 3B rows: ``pooled`` (3B, H) (the B positives
+        first, label 1; the negatives label 0), ``weight`` (3B,) bool (the pairs that count) ->
+        (cross entropy averaged over the counted pairs (0 with a graph if none), logits (3B, 2))."""
+        logits = self(pooled).float()  # (3B, 2)
+        rows = logits.shape[0]
+        labels = (torch.arange(rows, device=logits.device) < rows // 3).long()  # (3B,): 1 for the positives
+        counted = weight.to(logits.dtype)  # (3B,)
+        losses = F.cross_entropy(logits, labels, reduction="none")  # (3B,)
+        return (losses * counted).sum() / counted.sum().clamp_min(1), logits
+
     def matching_loss(
         self, fuse: FusePairs, similarity: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:
@@ -148,10 +200,7 @@ class ImageTextMatchingHead(nn.Module):
         features (3B, H) of the pairs asked for: the B positives (i, i), then each image with its
         hard negative text, then each text with its hard negative image.
         """
-        text_for_image, image_for_text = mine_hard_negatives(similarity, generator, self.group)
-        index = torch.arange(similarity.shape[0], device=text_for_image.device)  # (B,)
-        images = torch.cat([index, index, image_for_text])  # (3B,)
-        texts = torch.cat([index, text_for_image, index])  # (3B,)
+        images, texts, _ = matching_pairs(similarity, generator=generator, group=self.group)
         pooled = fuse(images, texts)  # (3B, H)
         if pooled.shape[0] != images.shape[0]:
             raise ValueError(
@@ -225,4 +274,13 @@ def answer_loss(
     return decoder.loss(answer_ids, answer_mask, context, context_mask, label_smoothing=label_smoothing)
 
 
-__all__ = ["ImageTextMatchingHead", "NO_ANSWER", "VQAClassifier", "answer_loss", "mine_hard_negatives"]
+__all__ = [
+    "ImageTextMatchingHead",
+    "MASKED_SIMILARITY",
+    "NO_ANSWER",
+    "VQAClassifier",
+    "answer_loss",
+    "batch_generator",
+    "matching_pairs",
+    "mine_hard_negatives",
+]

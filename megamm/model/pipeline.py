@@ -60,7 +60,7 @@ Each layer draws its weights in the random stream of its piece (``"image.block.3
 ``"decoder.embedding"``, ...; :meth:`megamm.model.init.WeightInit.seeded`) with the same modules
 as :class:`~megamm.model.MultiModalTransformer`, so a pipeline of any shape starts from the very
 weights one process builds, and computes the same loss. Hard negatives come from a generator
-seeded by the batch's tokens (:func:`megamm.model.multimodal._batch_generator`), not from the
+seeded by the batch's tokens (:func:`megamm.model.objectives.batch_generator`), not from the
 global random stream, so they too are the plain model's. In evaluation (``eval()``) no negatives
 are mined (an evaluation batch may have one row); the matching rows then pair each image with its
 own caption, which nothing reads.
@@ -111,8 +111,8 @@ from megamm.model.fusion.encoder import FusionEncoder
 from megamm.model.fusion.gated import GatedCrossAttentionBlock, gated_positions
 from megamm.model.heads import CLAMP_ATTRIBUTE, Projection, contrastive_loss
 from megamm.model.init import WeightInit
-from megamm.model.multimodal import CONTRASTIVE_HEADS, ContextProjection, _batch_generator, weight_init
-from megamm.model.objectives import NO_ANSWER, ImageTextMatchingHead, VQAClassifier, mine_hard_negatives
+from megamm.model.multimodal import CONTRASTIVE_HEADS, ContextProjection, weight_init
+from megamm.model.objectives import NO_ANSWER, ImageTextMatchingHead, VQAClassifier, batch_generator, matching_pairs
 from megamm.parallel import ParallelState, checkpoint, copy_to_group, vocab_parallel_cross_entropy
 from megamm.parallel.layers import VocabParallelEmbedding
 from megamm.parallel.mappings import ProcessGroup
@@ -473,20 +473,14 @@ class FusionInputLayer(StreamLayer):
     def _negatives(self, values: Values) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images (3B,), texts (3B,), itm_weight (3B,) bool) of the matching rows."""
         valid = values["has_image"] & values["has_text"]  # (B,)
-        index = torch.arange(valid.shape[0], device=valid.device)
-        if self.training:
-            hidden = -1e4  # masked similarity: a missing row is drawn only when nothing else is left
-            with torch.no_grad():
-                scale = values["contrastive_scale"].detach()
-                similarity = scale * values["image_emb"].detach() @ values["text_emb"].detach().T  # (B, B)
-                similarity = similarity.masked_fill(~valid[None, :], hidden).masked_fill(~valid[:, None], hidden)
-            generator = _batch_generator(values["text_ids"])
-            text_for_image, image_for_text = mine_hard_negatives(similarity, generator, self.group)
-        else:  # evaluation reads no matching loss (and a batch may have one row): no mining
-            text_for_image = image_for_text = index
-        images = torch.cat([index, index, image_for_text])  # (3B,)
-        texts = torch.cat([index, text_for_image, index])  # (3B,)
-        return images, texts, valid[images] & valid[texts]
+        if not self.training:  # evaluation reads no matching loss (and a batch may have one row): no mining
+            index = torch.arange(valid.shape[0], device=valid.device)
+            images = torch.cat([index, index, index])  # (3B,)
+            return images, images, valid[images]
+        with torch.no_grad():
+            scale = values["contrastive_scale"].detach()
+            similarity = scale * values["image_emb"].detach() @ values["text_emb"].detach().T  # (B, B)
+        return matching_pairs(similarity, valid, batch_generator(values["text_ids"]), self.group)
 
     def compute(self, values: Values) -> Values:
         text, text_mask, pooled = [], [], []
@@ -655,13 +649,9 @@ class ITMHeadLayer(StreamLayer):
         self.head = ImageTextMatchingHead(config.text.hidden_size, group, init)
 
     def compute(self, values: Values) -> Values:
-        weight_mask = values["itm_weight"]  # (3B,)
-        rows = weight_mask.shape[0]
-        logits = self.head(values["fused_pooled"][:rows]).float()  # (3B, 2)
-        labels = (torch.arange(rows, device=logits.device) < rows // 3).long()  # (3B,)
-        weight = weight_mask.to(logits.dtype)
-        losses = F.cross_entropy(logits, labels, reduction="none")  # (3B,)
-        return {"loss_itm": _scalar((losses * weight).sum() / weight.sum().clamp_min(1))}
+        weight = values["itm_weight"]  # (3B,)
+        loss, _ = self.head.pairs_loss(values["fused_pooled"][: weight.shape[0]], weight)
+        return {"loss_itm": _scalar(loss)}
 
 
 class VQAHeadLayer(StreamLayer):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import TransformerConfig
-from megamm.model.attention import ParallelSelfAttention
+from megamm.model.attention import ParallelCrossAttention, ParallelSelfAttention
 from megamm.model.attention.self_attention import tensor_parallel_rng
 from megamm.model.init import WeightInit
 from megamm.parallel import (
@@ -188,6 +188,31 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
         # gradients: summed over the group, weight and bias in one all-reduce
         weight, bias = copy_all_to_group((self.weight.clone(), self.bias.clone()), self.group)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+def residual_cross_attention(
+    hidden_size: int,
+    context_size: int,
+    num_heads: int,
+    group: ProcessGroup,
+    init: WeightInit,
+    num_layers: int,
+    attention_dropout: float = 0.0,
+) -> ParallelCrossAttention:
+    """Cross-attention from a stream of width ``hidden_size`` to a context of ``context_size``,
+    as a residual branch of a stack of ``num_layers`` blocks: queries, keys and values drawn
+    fan-in scaled (:meth:`WeightInit.linear`), the output scaled for the depth
+    (:meth:`WeightInit.residual`), as the blocks' self-attention and MLP are."""
+    return ParallelCrossAttention(
+        hidden_size,
+        context_size,
+        num_heads,
+        group,
+        init_method=init.linear(hidden_size),
+        output_init_method=init.residual(hidden_size, num_layers),
+        context_init_method=init.linear(context_size),
+        attention_dropout=attention_dropout,
+    )
 
 
 class ParallelMLP(nn.Module):

@@ -29,8 +29,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megamm.model.attention import ParallelCrossAttention, ParallelSelfAttention
-from megamm.model.blocks import ParallelMLP, SequenceLayout, SequenceParallelLayerNorm, hidden_dropout
+from megamm.model.attention import ParallelSelfAttention
+from megamm.model.blocks import (
+    ParallelMLP,
+    SequenceLayout,
+    SequenceParallelLayerNorm,
+    hidden_dropout,
+    residual_cross_attention,
+)
 from megamm.model.init import WeightInit
 from megamm.parallel import (
     VocabParallelEmbedding,
@@ -90,15 +96,8 @@ class DecoderBlock(nn.Module):
             rotary=rotary,
         )
         self.cross_norm = SequenceParallelLayerNorm(hidden_size)
-        self.cross_attn = ParallelCrossAttention(
-            hidden_size,
-            context_size,
-            num_heads,
-            group,
-            init_method=init.linear(hidden_size),
-            output_init_method=init.residual(hidden_size, num_layers),
-            context_init_method=init.linear(context_size),
-            attention_dropout=attention_dropout,
+        self.cross_attn = residual_cross_attention(
+            hidden_size, context_size, num_heads, group, init, num_layers, attention_dropout
         )
         self.mlp_norm = SequenceParallelLayerNorm(hidden_size)
         self.mlp = ParallelMLP(hidden_size, ffn_size, group, init, num_layers)

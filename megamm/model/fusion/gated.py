@@ -9,8 +9,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megamm.model.attention import ParallelCrossAttention
-from megamm.model.blocks import ParallelMLP, SequenceLayout, SequenceParallelLayerNorm, hidden_dropout
+from megamm.model.blocks import (
+    ParallelMLP,
+    SequenceLayout,
+    SequenceParallelLayerNorm,
+    hidden_dropout,
+    residual_cross_attention,
+)
 from megamm.model.init import WeightInit
 from megamm.parallel.mappings import ProcessGroup
 
@@ -53,7 +58,7 @@ class GatedCrossAttentionBlock(nn.Module):
     collectives whatever its batch holds). Padded context positions are replaced by zeros before
     the projections, so whatever they hold (even NaN) changes neither outputs nor gradients.
 
-    Tensor parallelism: heads of the cross-attention (:class:`ParallelCrossAttention`) and the
+    Tensor parallelism: heads of the cross-attention (:class:`~megamm.model.attention.ParallelCrossAttention`) and the
     MLP's hidden units (:class:`ParallelMLP`) are split over ``group``; norms and gates are
     replicated. Every weight is drawn in the random stream of the piece ``name``
     (:meth:`WeightInit.seeded`) as a full master weight, so any tensor-parallel size gives the same
@@ -82,15 +87,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.dropout = dropout
         with init.seeded(name):
             self.attn_norm = SequenceParallelLayerNorm(hidden_size)
-            self.attn = ParallelCrossAttention(
-                hidden_size,
-                context_size,
-                num_heads,
-                group,
-                init_method=init.linear(hidden_size),
-                output_init_method=init.residual(hidden_size, num_layers),
-                context_init_method=init.linear(context_size),
-                attention_dropout=attention_dropout,
+            self.attn = residual_cross_attention(
+                hidden_size, context_size, num_heads, group, init, num_layers, attention_dropout
             )
             self.mlp_norm = SequenceParallelLayerNorm(hidden_size)
             self.mlp = ParallelMLP(hidden_size, ffn_size, group, init, num_layers)

@@ -29,3 +29,12 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -37,7 +37,7 @@ from torch import nn
 from megamm.config import ConfigError, ModelConfig, config_from_dict, to_dict
 from megamm.data import Processor, Tokenizer
 from megamm.data.processor import PROCESSOR_FILE, TOKENIZER_FILE
-from megamm.fileio import atomic_output
+from megamm.fileio import atomic_output, fsync_path
 from megamm.model import MultiModalTransformer as _MultiModalTransformer
 from megamm.parallel import ParallelState
 from megamm.parallel.layers import shard_of
@@ -141,7 +141,7 @@ def write_pretrained(
 
 def _swap_in(staging: Path, target: Path) -> None:
     """Move the complete ``staging`` directory onto ``target`` (an old one is removed only after)."""
-    _fsync_directory(staging)
+    fsync_path(staging)
     if not target.exists():
         os.rename(staging, target)
     else:
@@ -149,15 +149,7 @@ def _swap_in(staging: Path, target: Path) -> None:
         os.rename(target, old)
         os.rename(staging, target)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(target.parent)
 
 
 def _as_processor(model: nn.Module, tokenizer: Union[None, Tokenizer, Processor, str, Path]) -> Processor:

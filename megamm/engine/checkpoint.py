@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megamm.config import ConfigError
-from megamm.fileio import atomic_output
+from megamm.fileio import atomic_output, fsync_path
 
 MARKER = "megamm_complete.json"
 ABANDONED = "abandoned"
@@ -104,7 +104,7 @@ class _WriteErrors:
             try:
                 result = write(*args, **kwargs)
                 if target:
-                    _fsync(Path(target))
+                    fsync_path(Path(target))
                 return result
             except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
                 self.error = error
@@ -159,12 +159,12 @@ def save_checkpoint(
     # DeepSpeed's save ends in a barrier: every rank's shards are on disk, or failed.
     if dist.get_rank() == 0 and writes.error is None:
         try:
-            _fsync(path)  # the shards' directory entries, before the marker vouches for them
+            fsync_path(path)  # the shards' directory entries, before the marker vouches for them
             _write_json_atomic(path / MARKER, {"step": step, **marker})
-            _fsync(path)  # the marker's own entry
+            fsync_path(path)  # the marker's own entry
             with atomic_output(directory / "latest") as handle:
                 handle.write(tag.encode("utf-8"))
-            _fsync(directory)
+            fsync_path(directory)
         except OSError as failure:
             writes.error, writes.free_bytes = failure, _free_bytes(directory)
             (path / MARKER).unlink(missing_ok=True)
@@ -178,15 +178,6 @@ def save_checkpoint(
         _prune(directory, keep_last, path)
     dist.barrier()
     return path
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _free_bytes(directory: Path) -> Optional[int]:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from megamm.config import ConfigError, TrainConfig, config_from_dict
 from megamm.data import Processor, Tokenizer
 from megamm.engine import MARKER, convert_to_universal, read_marker, universal_form
+from megamm.engine.universal import read_universal_weight
 from megamm.engine.forms import PIPELINE, ParameterNames
 from megamm.model import MultiModalTransformer
 from megamm.pretrained import DTYPES, PretrainedError, write_pretrained
@@ -67,24 +68,13 @@ def _tokenizer(marker: dict[str, Any], config: TrainConfig, given: Optional[Path
     return tokenizer
 
 
-def _load_universal_param(path: Path) -> torch.Tensor:
-    """The fp32 weight of one parameter folder of a universal checkpoint (no code is unpickled:
-    DeepSpeed's sub-parameter record is the only class allowed)."""
-    from deepspeed.checkpoint.constants import PARAM
-    from deepspeed.checkpoint.ds_to_universal import SubparamShape
-
-    with torch.serialization.safe_globals([SubparamShape]):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return state[PARAM] if isinstance(state, dict) else state
-
-
 def _weights(tag: Path, specs: list[tuple[str, tuple[int, ...]]], folder_of: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Each parameter's fp32 weight, read from its folder of universal checkpoint ``tag`` in turn."""
     for name, shape in tqdm(specs, desc="writing weights", unit="tensor", file=sys.stderr):
         path = tag / "zero" / folder_of[name] / "fp32.pt"
         if not path.is_file():
             raise ExportError(f"{tag} holds no weight of {name} ({path} missing): it is not a checkpoint of this model")
-        value = _load_universal_param(path)
+        value = read_universal_weight(path)
         if tuple(value.shape) != tuple(shape):
             raise ExportError(f"{path} is {tuple(value.shape)}, the model's {name} is {tuple(shape)}: not a checkpoint of this model")
         yield name, value

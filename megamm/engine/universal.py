@@ -41,6 +41,7 @@ from pathlib import Path
 import re
 from typing import Any, Iterable, Optional
 
+import torch
 from deepspeed.checkpoint import constants
 from torch import nn
 
@@ -80,6 +81,16 @@ def _sub_param_entries() -> list[dict[str, Any]]:
         entries.append({"patterns": [pattern.replace("(weight|bias)", "weight")], "shape": (count, -1), "partition_dim": 0})
         entries.append({"patterns": [pattern.replace("(weight|bias)", "bias")], "shape": (count,), "partition_dim": 0})
     return entries
+
+
+def read_universal_weight(path: str | Path) -> torch.Tensor:
+    """The fp32 weight in one parameter file of a universal checkpoint (``zero/<name>/fp32.pt``),
+    read without unpickling code: DeepSpeed's sub-parameter record is the only class allowed."""
+    from deepspeed.checkpoint.ds_to_universal import SubparamShape
+
+    with torch.serialization.safe_globals([SubparamShape]):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return state[constants.PARAM] if isinstance(state, dict) else state
 
 
 def universal_checkpoint_info(vocab_size: int, names: Optional[Iterable[str]] = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.2",
         "tensorboard>=2.16",
         "Pillow>=10",
+        "soundfile>=0.12",
         "numpy>=1.24",
         "PyYAML>=6",
         "matplotlib>=3.7",

@@ -410,6 +410,17 @@ class ModelConfig:
         return extras + (("qa",) if self.uses_questions else ())
 
     @property
+    def data_pairs(self) -> tuple[str, ...]:
+        """The modality pairs that make a training sample usable (``megamm.data.PAIRS``): image+text
+        always, audio+text and image+audio when their contrastive objectives are on."""
+        pairs = ["image_text"]
+        if self.audio.enabled and self.objectives.audio_text > 0:
+            pairs.append("audio_text")
+        if self.audio.enabled and self.objectives.image_audio > 0:
+            pairs.append("image_audio")
+        return tuple(pairs)
+
+    @property
     def uses_questions(self) -> bool:
         """True when an objective reads question-answer pairs (VQA)."""
         return self.objectives.vqa > 0 or self.objectives.vqa_generative > 0
@@ -554,12 +565,50 @@ class ParallelConfig:
         return world_size // model_parallel
 
 
+SAMPLING_MODES = ("epochs", "resample")
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a training mixture (``data.sources``)."""
+
+    shards: str = ""
+    """Its shards: as ``data.train_shards`` (paths, patterns, ``pipe:`` commands)."""
+    weight: float = 1.0
+    """Relative share of the training samples drawn from it."""
+    index: str = ""
+    """A sizes.json giving each shard's sample count by file name ("" : the sizes.json beside
+    local shards). ``pipe:`` shards need one for epochs to be split by sample."""
+    name: str = ""
+    """Shown in logs ("" : source<i>)."""
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.shards.strip()), f"{prefix}.shards is empty; give the source's shards")
+        _require(self.weight > 0, f"{prefix}.weight must be positive, got {self.weight}")
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are read. Knows nothing about the model."""
 
     train_shards: str = "demo_data/train/shard-{000000..000007}.tar"
-    """Brace pattern, glob, directory or comma-separated list of .tar shards."""
+    """Brace pattern, glob, directory, ``pipe:`` command, or a comma-separated list of these
+    (read when ``data.sources`` is empty)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several datasets mixed in one stream by weight; replaces ``train_shards`` when given."""
+    sampling: str = "epochs"
+    """``epochs``: each source's samples once per epoch, in a shuffled order seeded by seed and
+    epoch; ``resample``: shards drawn with replacement, seeded per epoch and stream."""
+    open_shards: int = 4
+    """Shards each stream reads at once per source, interleaving their samples."""
+    max_bad_fraction: float = 0.1
+    """Stop training once more than this fraction of the samples read was bad (from
+    ``bad_data_min_samples`` samples on)."""
+    bad_data_min_samples: int = 1000
+    """Samples read before the bad fraction is judged."""
+    check_keys_every: int = 0
+    """Every this many steps, check that the tensor- and pipeline-parallel peers of each
+    data-parallel rank read the same samples (a digest of the keys; 0: never)."""
     eval_shards: str = "demo_data/eval/shard-{000000..000000}.tar"
     tokenizer: str = "demo_data/tokenizer.model"
     """Path of a SentencePiece model (train one with tools/train_tokenizer.py)."""
@@ -579,8 +628,18 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self, prefix: str = "data") -> None:
-        for name in ("train_shards", "eval_shards", "tokenizer"):
+        for name in ("eval_shards", "tokenizer") if self.sources else ("train_shards", "eval_shards", "tokenizer"):
             _require(bool(getattr(self, name).strip()), f"{prefix}.{name} is empty; give a path")
+        for index, source in enumerate(self.sources):
+            source.validate(f"{prefix}.sources[{index}]")
+        _require(
+            self.sampling in SAMPLING_MODES,
+            f"{prefix}.sampling={self.sampling!r} is not one of {', '.join(SAMPLING_MODES)}",
+        )
+        _require(self.open_shards >= 1, f"{prefix}.open_shards must be >= 1")
+        _require(0 <= self.max_bad_fraction <= 1, f"{prefix}.max_bad_fraction must be in [0, 1]")
+        _require(self.bad_data_min_samples >= 1, f"{prefix}.bad_data_min_samples must be >= 1")
+        _require(self.check_keys_every >= 0, f"{prefix}.check_keys_every must be >= 0 (0: never)")
         _require(self.num_workers >= 0, f"{prefix}.num_workers must be >= 0")
         _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer must be >= 0")
         _require(self.image_size > 0, f"{prefix}.image_size must be positive")
@@ -775,6 +834,13 @@ def _coerce(value: Any, target_type: Any, name: str) -> Any:
             return target_type(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected {target_type.__name__}, got {value!r}") from None
+    if origin is list and target_type.__args__ and is_dataclass(target_type.__args__[0]):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
+            raise ConfigError(f"{name}: expected a list of mappings, e.g. [{{shards: a.tar, weight: 1}}], got {value!r}")
+        item_type = target_type.__args__[0]
+        return [_from_dict(item_type, item, f"{name}[{index}].") for index, item in enumerate(value)]
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -20,9 +20,12 @@ from megamm.data import (
     SIZES_FILE,
     UNK_ID,
     Batch,
+    Source,
     Tokenizer,
+    build_sources,
     check_shard_count,
     check_shards_readable,
+    stream_count,
     data_stream_settings,
     expand_shards,
     iter_eval_batches,
@@ -61,12 +64,15 @@ FROM_CHECKPOINT = (
 )
 # What the data position's settings are called in the config (see data_stream_settings).
 DATA_STREAM_FIELDS = {
-    "shards": "data.train_shards (the shard files)",
-    "shard_names_sha256": "data.train_shards (the shard files)",
-    "loader_workers": "data.num_workers",
+    "format": "the data position's format (an older megamm saved it)",
+    "sources": "data.train_shards / data.sources (the shard files, their weights or index)",
     "seed": "data.seed",
+    "sampling": "data.sampling",
     "shuffle_buffer": "data.shuffle_buffer",
+    "open_shards": "data.open_shards",
+    "global_batches": "data.global_batches",
 }
+"""The data stream settings a resumed run must keep (``streams`` may change: see StartPlan.streams_changed)."""
 
 
 @dataclass
@@ -77,13 +83,21 @@ class StartPlan:
     ds_config: dict[str, Any]
     tokenizer: Tokenizer
     resume_from: Optional[Path]
-    train_shards: list[str]
+    sources: list[Source]
+    """The training data's sources, resolved."""
     data_stream: dict[str, Any]
     """The settings the training data position depends on (recorded in each checkpoint)."""
     restart_data: bool = False
     """Resume the model but read the training data from its beginning."""
     init_from: Optional[Path] = None
     """A checkpoint whose weights (only) start this run, when it does not resume its own."""
+    saved_streams: Optional[int] = None
+    """The number of training streams of the checkpoint resumed, if it differs from this run's: its
+    stream positions do not carry over, and each source restarts at its next epoch."""
+
+    @property
+    def streams_changed(self) -> bool:
+        return self.saved_streams is not None
 
 
 def parallel_layout(world_size: int, tensor_parallel: int, data_parallel: int, pipeline_parallel: int = 1) -> dict[str, int]:
@@ -208,8 +222,9 @@ def check_universal_resume(
     Any tensor-parallel, data-parallel or ZeRO layout works, and any number of pipeline stages
     in the form the checkpoint was converted for (its marker's ``"form"``): the plain form
     (``parallel.pipeline_parallel=1``) names parameters by module, the pipeline form by layer,
-    and ``convert_checkpoint.py --to`` writes either. Under another data-parallel size the data
-    position belongs to other streams, unless ``data.global_batches`` made them the same.
+    and ``convert_checkpoint.py --to`` writes either. Under another data-parallel size the saved
+    stream positions do not carry over (unless ``data.global_batches`` keeps the streams the same):
+    the training data restarts at each source's next epoch, and the run's log says so.
     """
     if config.parallel.zero_stage == 0 and layout["world_size"] > 1:
         raise ConfigError(
@@ -225,14 +240,6 @@ def check_universal_resume(
             f"trains the {needed} one, whose parameters are named otherwise. Convert the source again with "
             f"--to {needed} (python tools/convert_checkpoint.py {source} --to {needed} --out <new checkpoint.dir>), "
             f"or resume this one with {'2 or more stages' if held == 'pipeline' else 'parallel.pipeline_parallel=1'}"
-        )
-    same_streams = marker.get("data_parallel") == layout["data_parallel"] or config.data.global_batches
-    if not same_streams and not restart_data:
-        raise ConfigError(
-            f"{checkpoint} was trained with data_parallel={marker.get('data_parallel')} and this run has "
-            f"{layout['data_parallel']}: its data position names other streams. Pass --restart-data to read "
-            "the data from its beginning, or train with data.global_batches=true (the same batches at any "
-            "data-parallel size, so the position carries over)"
         )
 
 
@@ -278,7 +285,7 @@ def _changes(names: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def check_resume_config(
     checkpoint: Path, config: TrainConfig, tokenizer: Tokenizer, data_stream: dict[str, Any], restart_data: bool
-) -> None:
+) -> Optional[int]:
     """Compare what ``checkpoint``'s marker saved with this run; refuse what cannot change.
 
     Refused: fields the checkpoint decides (:data:`FROM_CHECKPOINT`), another tokenizer, and
@@ -306,31 +313,34 @@ def check_resume_config(
             "silently ignored. Resume with the saved values (they are in the checkpoint's "
             f"{MARKER}), or start a new run with another checkpoint.dir"
         )
-    _check_data_stream(checkpoint, marker.get("data_stream"), data_stream, restart_data)
+    saved_streams = _check_data_stream(checkpoint, marker.get("data_stream"), data_stream, restart_data)
     if differing:
         log.info("resuming with changed settings: %s", _changes(differing, old, new))
+    return saved_streams
 
 
 def _check_data_stream(
     checkpoint: Path, saved: Optional[dict[str, Any]], current: dict[str, Any], restart_data: bool
-) -> None:
+) -> Optional[int]:
+    """Refuse a resume whose saved data position would name other samples; the saved number of
+    streams when only that changed (None when it did not)."""
     if restart_data:
-        return
+        return None
     if saved is None:
         log.warning("%s records no data stream settings (an older megamm wrote it); cannot check them", checkpoint)
-        return
-    differing = [key for key in current if saved.get(key) != current[key]]
-    if not differing:
-        return
-    fields = sorted({DATA_STREAM_FIELDS.get(key, key) for key in differing})
-    shown = [key for key in differing if key != "shard_names_sha256"]
-    details = ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in shown)
-    raise ConfigError(
-        f"checkpoint {checkpoint} was saved reading another training data stream ({', '.join(fields)} "
-        f"changed{': ' + details if details else ''}). Its data position counts the samples each stream "
-        "consumed, so under these settings it would replay or skip data. Resume with the saved settings, "
-        "or pass --restart-data to read the new data from its beginning (the model and optimizer still resume)"
-    )
+        return None
+    differing = [key for key in DATA_STREAM_FIELDS if saved.get(key) != current.get(key)]
+    if differing:
+        fields = sorted({DATA_STREAM_FIELDS[key] for key in differing})
+        shown = [key for key in differing if key not in ("sources", "format")]
+        details = ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in shown)
+        raise ConfigError(
+            f"checkpoint {checkpoint} was saved reading another training data stream ({', '.join(fields)} "
+            f"changed{': ' + details if details else ''}). Its data position says where each stream stands in "
+            "its shards, so under these settings it would replay or skip data. Resume with the saved settings, "
+            "or pass --restart-data to read the new data from its beginning (the model and optimizer still resume)"
+        )
+    return None if saved.get("streams") == current["streams"] else int(saved.get("streams", 0))
 
 
 def _shards(count: int) -> str:
@@ -370,29 +380,36 @@ def check_extras(config: TrainConfig, probe: Batch, tokenizer: Tokenizer) -> Non
         )  # fmt: skip
 
 
-def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[str]:
+def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[Source]:
     """Resolve and check both splits (the evaluation set down to its first usable sample).
 
-    Logs what each split resolved to; returns the training shards.
+    Logs what each split resolved to; returns the training sources.
     """
     data = config.data
-    train = expand_shards(data.train_shards, "data.train_shards")
-    check_shard_count(train, data, dp_size)
-    check_shards_readable(train, "data.train_shards", read_header=False)
+    if data.sources and data.train_shards != TrainConfig().data.train_shards:
+        log.info("data.sources is given, so data.train_shards (%s) is not read", data.train_shards)
+    sources = build_sources(data)
+    check_shard_count(sources, data, dp_size)
+    for source in sources:
+        check_shards_readable(source.urls, f"data source {source.name}", read_header=False)
     eval_shards = expand_shards(data.eval_shards, "data.eval_shards")
     check_shards_readable(eval_shards, "data.eval_shards", read_header=True)
-    extras = config.model.data_extras
-    probe = next(iter(iter_eval_batches(data, tokenizer, batch_size=PROBE_SAMPLES, extras=extras)))  # raises if none is usable
+    extras, pairs = config.model.data_extras, config.model.data_pairs
+    probe = next(iter(iter_eval_batches(data, tokenizer, PROBE_SAMPLES, extras=extras, pairs=pairs)))  # raises if none is usable
     check_extras(config, probe, tokenizer)
 
-    for name, shards, share in (
-        ("data.train_shards", train, f"; {len(train) // dp_size} per data-parallel rank"),
-        ("data.eval_shards", eval_shards, ""),
-    ):
-        samples = known_sample_count(shards)
-        described = f"{samples} samples" if samples is not None else f"sample count unknown (no {SIZES_FILE})"
-        log.info("%s: %s, %s%s", name, _shards(len(shards)), described, share)
-    return train
+    streams = stream_count(data, dp_size)
+    for source in sources:
+        total = None if source.sizes is None else sum(source.sizes)
+        split = f"dealt to {streams} streams by sample" if total is not None else f"dealt to {streams} streams by shard"
+        described = f"{total} samples" if total is not None else f"sample count unknown (no {SIZES_FILE})"
+        weight = f", weight {source.weight:g}" if len(sources) > 1 else ""
+        log.info("training source %s: %s, %s%s; %s (data.sampling=%s)",
+                 source.name, _shards(len(source.urls)), described, weight, split, data.sampling)  # fmt: skip
+    samples = known_sample_count(eval_shards)
+    described = f"{samples} samples" if samples is not None else f"sample count unknown (no {SIZES_FILE})"
+    log.info("data.eval_shards: %s, %s", _shards(len(eval_shards)), described)
+    return sources
 
 
 def preflight(
@@ -420,8 +437,9 @@ def preflight(
             f"the tokenizer has {tokenizer.vocab_size} pieces but model.text.vocab_size="
             f"{config.model.text.vocab_size}; raise model.text.vocab_size to at least that"
         )
-    train_shards = check_data(config, dp_size, tokenizer)
-    data_stream = data_stream_settings(config.data, train_shards)
+    sources = check_data(config, dp_size, tokenizer)
+    data_stream = data_stream_settings(config.data, sources, dp_size)
+    saved_streams = None
     checkpoint = resolve_resume(resume, config.checkpoint.dir)
     if checkpoint is not None:
         layout = parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size, config.parallel.pipeline_parallel)
@@ -438,7 +456,7 @@ def preflight(
                 check_layout(checkpoint, layout)
             except (ValueError, FileNotFoundError) as error:
                 raise ConfigError(str(error)) from None
-        check_resume_config(checkpoint, config, tokenizer, data_stream, restart_data)
+        saved_streams = check_resume_config(checkpoint, config, tokenizer, data_stream, restart_data)
     elif restart_data:
         log.info("--restart-data: nothing to resume, so it changes nothing")
     if init_from is not None:
@@ -447,7 +465,9 @@ def preflight(
             log.info("resuming this fine-tuning run from %s; the weights of %s are not loaded again", checkpoint, init_from)
             init_from = None
     prepare_rendezvous(info)
-    return StartPlan(dp_size, ds_config, tokenizer, checkpoint, train_shards, data_stream, restart_data, init_from)
+    return StartPlan(
+        dp_size, ds_config, tokenizer, checkpoint, sources, data_stream, restart_data, init_from, saved_streams
+    )
 
 
 __all__ = [

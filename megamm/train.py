@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -19,14 +20,18 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megamm.config import TrainConfig, to_dict
+from megamm.config import DataConfig, TrainConfig, to_dict
 from megamm.data import (
     ANSWER_VOCAB,
+    BAD_REASONS,
     Batch,
     DataPosition,
     Tokenizer,
+    bad_summary,
     build_train_loader,
     iter_eval_batches,
+    keys_digest,
+    next_epochs,
     placeholder_batch,
 )
 from megamm.engine import (
@@ -82,13 +87,23 @@ class TrainState:
     """Micro-batches each data-parallel rank has taken from its loader (its round-robin phase)."""
     samples_skipped: int = 0
     """Bad samples skipped by all data-parallel ranks together."""
-    data_position: dict[int, int] = field(default_factory=dict)
-    """Candidates consumed by each training stream of every data-parallel rank (stream id -> count)."""
+    samples_seen: int = 0
+    """Raw samples read by all data-parallel ranks together, good and bad."""
+    bad_data: dict[str, int] = field(default_factory=dict)
+    """Bad samples by reason (``megamm.data.BAD_REASONS``), all ranks together."""
+    bad_shards: dict[str, int] = field(default_factory=dict)
+    """Bad samples by shard, all ranks together (the :data:`KEPT_BAD_SHARDS` worst)."""
+    data_position: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """The state of each training stream of every data-parallel rank (stream id -> state)."""
+
+
+KEPT_BAD_SHARDS = 100
+"""Shards with bad samples that a checkpoint remembers (the worst ones)."""
 
 
 INPUT_FIELDS = {
     "": ("image", "text_ids", "text_mask"),
-    "audio": ("audio", "audio_lengths", "has_audio"),
+    "audio": ("audio", "audio_lengths", "has_audio", "has_image", "has_text"),
     "qa": ("question_ids", "question_mask", "answer", "answer_ids", "answer_mask"),
 }
 """The batch fields the model reads: always, and with each data extra (``ModelConfig.data_extras``)."""
@@ -290,6 +305,7 @@ class Trainer:
         stop: Optional[StopRequest] = None,
         watchdog: Optional[Watchdog] = None,
         tokenizer: Optional[Tokenizer] = None,
+        position: Optional[DataPosition] = None,
     ) -> None:
         self.runner = runner
         self.engine = runner.engine
@@ -306,10 +322,16 @@ class Trainer:
         """checkpoint.dir's run lock, on the rank that holds it."""
         self.line_start: Optional[int] = state.step
         """The step this run started from, until its first save has set aside newer tags."""
-        self.position = DataPosition(state.batches_consumed, dict(state.data_position))
+        self.position = position or DataPosition(state.batches_consumed, dict(state.data_position))
         """This rank's data position (its own streams up to date)."""
-        self.skipped_here = 0
-        """Bad samples this rank's loader skipped since the run (re)started."""
+        self.keys_here: list[int] = []
+        """Digests of the sample keys of this step's micro-batches (``data.check_keys_every``)."""
+        self.bad_here: Counter[str] = Counter()
+        """Bad samples this rank's loader skipped since the last sync, by reason."""
+        self.bad_shards_here: Counter[str] = Counter()
+        """The same, by shard."""
+        self.seen_here = 0
+        """Raw samples this rank's loader read since the last sync."""
         self.eval_samples = 0
         """Pairs scored by the last evaluation."""
         self.placeholder = placeholder_batch(config.data)
@@ -348,11 +370,18 @@ class Trainer:
                 batch = next(self.batches)
             self.position.advance(batch)
             self.epoch_here = int(batch.get("epoch", 0))
-            self.skipped_here += int(batch.get("skipped", 0))
+            self.bad_here.update(batch.get("bad", {}))
+            self.bad_shards_here.update(batch.get("bad_shards", {}))
+            self.seen_here += int(batch.get("seen", 0))
+            self.keys_here.append(keys_digest(batch["keys"]))
             self.tokens_here += int(batch["text_mask"].sum()) + self.image_tokens * len(batch["keys"])
             micro_batches.append(_inputs(batch, self.extras))
         loss = self.runner.train_step(micro_batches, self.timer.phase)
         self.state.step += 1
+        every = self.config.data.check_keys_every
+        if every and self.state.step % every == 0:
+            check_same_keys(self.keys_here, self.parallel, self.state.step)
+        self.keys_here = []
         return loss
 
     def fit(self) -> dict[str, float]:
@@ -385,9 +414,8 @@ class Trainer:
         """Scalars of the interval since the last call: loss, LR, gradient norm, throughput
         (samples, tokens, TFLOP/s, MFU), the last step's phases, memory, skipped samples."""
         samples_per_second = throughput.rate()
-        loss_sum, skipped, tokens = _dp_sum(
-            [local_loss, float(self.skipped_here), float(self.tokens_here)], self.parallel
-        )
+        loss_sum, tokens = _dp_sum([local_loss, float(self.tokens_here)], self.parallel)
+        self._sync_bad_data()
         epoch = _dp_max(self.epoch_here, self.parallel)
         self.tokens_here = 0
         loss = loss_sum / self.parallel.dp_size
@@ -400,7 +428,10 @@ class Trainer:
             "train/samples_per_second": samples_per_second,
             "train/tokens_per_second": tokens / throughput.elapsed if throughput.elapsed > 0 else 0.0,
             "train/tflops": tflops,
-            "train/samples_skipped": self.state.samples_skipped + skipped,
+            "train/samples_skipped": self.state.samples_skipped,
+            "data/samples_seen": self.state.samples_seen,
+            "data/bad_fraction": self.state.samples_skipped / max(self.state.samples_seen, 1),
+            **{f"data/bad_{reason}": count for reason, count in self.state.bad_data.items()},
             "data/epoch": float(epoch),
             "memory/host_max_rss_gb": host_max_rss_gb(),
         }
@@ -464,15 +495,33 @@ class Trainer:
         return metrics
 
     def _sync_state(self) -> None:
-        """Bring the data position and skip count of every data-parallel rank into ``state`` (collective)."""
-        streams: dict[int, int] = {}
+        """Bring the data position and bad-data counts of every data-parallel rank into ``state`` (collective)."""
+        streams: dict[int, dict[str, Any]] = {}
         for part in _dp_gather(self.position.streams, self.parallel):
             streams.update(part)
-        (skipped,) = _dp_sum([float(self.skipped_here)], self.parallel)
         self.state.batches_consumed = self.position.batches
         self.state.data_position = dict(sorted(streams.items()))
-        self.state.samples_skipped += int(skipped)
-        self.skipped_here = 0
+        self._sync_bad_data()
+
+    def _sync_bad_data(self) -> None:
+        """Add every data-parallel rank's bad-data counts since the last sync to ``state``, then stop
+        the run if the bad fraction passed ``data.max_bad_fraction`` (collective: all ranks agree)."""
+        reasons = list(BAD_REASONS)
+        sums = _dp_sum([float(self.seen_here)] + [float(self.bad_here[r]) for r in reasons], self.parallel)
+        shards: Counter[str] = Counter(self.state.bad_shards)
+        for part in _dp_gather(dict(self.bad_shards_here), self.parallel):
+            shards.update(part)
+        state = self.state
+        state.samples_seen += int(sums[0])
+        bad = Counter(state.bad_data)
+        bad.update({reason: int(count) for reason, count in zip(reasons, sums[1:]) if count})
+        state.bad_data = dict(sorted(bad.items()))
+        state.samples_skipped = sum(bad.values())
+        state.bad_shards = dict(shards.most_common(KEPT_BAD_SHARDS))
+        self.seen_here = 0
+        self.bad_here.clear()
+        self.bad_shards_here.clear()
+        check_bad_fraction(self.config.data, state)
 
     def save(self) -> Path:
         self._progress(f"saving the checkpoint of step {self.state.step}")
@@ -522,6 +571,45 @@ class Trainer:
                 ", ".join(path.name for path in moved),
                 moved[0].parent,
             )
+
+
+def check_bad_fraction(cfg: DataConfig, state: TrainState) -> None:
+    """Stop (RuntimeError) once the bad fraction of the samples read passed ``data.max_bad_fraction``.
+
+    Samples read counts each bad sample once; a shard that ended early counts the samples its
+    index says were lost (or one without an index).
+    """
+    read = max(state.samples_seen, state.samples_skipped)
+    if read < cfg.bad_data_min_samples or state.samples_skipped <= cfg.max_bad_fraction * read:
+        return
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(state.bad_data.items(), key=lambda kv: -kv[1]))
+    raise RuntimeError(
+        f"{state.samples_skipped} of {read} training samples read were bad ({state.samples_skipped / read:.1%} > "
+        f"data.max_bad_fraction={cfg.max_bad_fraction}): {reasons}. Worst shards: {bad_summary(state.bad_shards)}. "
+        "Check them with tools/inspect_shards.py, fix or drop them (or raise data.max_bad_fraction), then resume"
+    )
+
+
+def check_same_keys(digests: list[int], parallel: ParallelState, step: int) -> None:
+    """Every rank of a model-parallel group (the tensor- and pipeline-parallel peers of one
+    data-parallel rank) must have trained step ``step`` on the same samples (collective).
+
+    Raises:
+        RuntimeError: naming the ranks whose keys differ.
+    """
+    if parallel.tp_size * parallel.pp_size == 1:
+        return
+    mine = torch.tensor(digests, dtype=torch.int64)  # (micro-batches,)
+    gathered = [torch.empty_like(mine) for _ in range(parallel.tp_size * parallel.pp_size)]
+    dist.all_gather(gathered, mine, group=parallel.model_parallel_group)
+    differing = [index for index, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differing:
+        ranks = dist.get_process_group_ranks(parallel.model_parallel_group)
+        raise RuntimeError(
+            f"step {step}: the tensor/pipeline-parallel peers of data-parallel rank {parallel.dp_rank} trained on "
+            f"different samples (ranks {[ranks[i] for i in differing]} differ from rank {ranks[0]}): their loaders "
+            "must be built with the data-parallel rank, not the global rank"
+        )
 
 
 def _summary(metrics: dict[str, float]) -> str:
@@ -690,6 +778,18 @@ def _train(
             why = "as --restart-data asks" if plan.restart_data else "an older megamm saved no per-stream position"
             log.warning("the training data starts again from its beginning (%s)", why)
             state.batches_consumed, state.data_position = 0, {}
+    start = DataPosition(state.batches_consumed, dict(state.data_position))
+    if plan.resume_from is not None and plan.streams_changed and state.data_position:
+        epochs = next_epochs(state.data_position, len(plan.sources))
+        log.warning(
+            "the training data is read by %s streams now (data-parallel ranks x data.num_workers), not %s as when "
+            "%s was saved: the saved stream positions do not carry over, so each source restarts at the next epoch "
+            "boundary (%s); the rest of the interrupted epochs is not read",
+            plan.data_stream["streams"], plan.saved_streams, plan.resume_from.name,
+            ", ".join(f"{source.name}: epoch {epoch}" for source, epoch in zip(plan.sources, epochs)),
+        )  # fmt: skip
+        state.batches_consumed, state.data_position = 0, {}
+        start = DataPosition(0, {}, epochs)
 
     # Nothing is written to the run's directories before this point.
     purge_step = state.step + 1 if plan.resume_from is not None else None  # hide a crashed attempt's later steps
@@ -699,10 +799,9 @@ def _train(
     if parallel.rank == 0:
         with atomic_output(Path(config.logging.tensorboard_dir) / "config.yaml") as handle:
             handle.write(resolved.encode("utf-8"))
-    start = DataPosition(state.batches_consumed, dict(state.data_position))
-    extras = config.model.data_extras
+    extras, pairs = config.model.data_extras, config.model.data_pairs
     loader = build_train_loader(
-        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start, extras
+        config.data, plan.tokenizer, parallel.dp_rank, parallel.dp_size, config.micro_batch_size, start, extras, pairs
     )
     marker = {
         **parallel_layout(info.world_size, parallel.tp_size, parallel.dp_size, parallel.pp_size),
@@ -713,7 +812,7 @@ def _train(
 
     def eval_batches() -> Iterable[Batch]:
         return iter_eval_batches(
-            config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size, extras
+            config.data, plan.tokenizer, config.micro_batch_size, parallel.dp_rank, parallel.dp_size, extras, pairs
         )
 
     batches = iter(loader)  # forks the loader workers, before the watchdog's threads exist
@@ -728,7 +827,8 @@ def _train(
         log.warning("%s holds no random state for this device: dropout's streams start afresh", plan.resume_from)
     watchdog = Watchdog(config.parallel.collective_timeout_s, info.rank).start("waiting for the first batch")
     trainer = Trainer(
-        runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog, plan.tokenizer
+        runner, config, parallel, batches, eval_batches, writer, state, marker, lock, stop, watchdog, plan.tokenizer,
+        start,
     )
     # Until here a stop signal ends the process at once (its default action): there is nothing new
     # to save, and a rank blocked in start-up (a rendezvous, a collective) would not see a flag.

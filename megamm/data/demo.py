@@ -65,7 +65,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from megamm.data.audio import SAMPLE_RATE, encode_wav, synthesize_beeps
-from megamm.data.shards import SIZES_FILE, iter_tar_samples
+from megamm.data.shards import SIZES_FILE
 from megamm.fileio import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -646,37 +646,3 @@ def write_demo_dataset(
         handle.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return {**manifest, "reused": False}
 
-
-def iter_captions(shard_paths: Iterable[str | Path], *, include_questions: bool = False) -> Iterator[str]:
-    """Captions (``txt``) of every sample in the shards, in file order; unreadable ones skipped.
-
-    With ``include_questions``, each caption is followed by the questions and answers of the
-    sample's ``qa.json`` (if any), so that a tokenizer trained on them covers those words too.
-    """
-    skipped = 0
-
-    def handler(exn: Exception) -> bool:
-        nonlocal skipped
-        skipped += 1
-        logger.warning("skipping unreadable tar data: %s", exn)
-        return True
-
-    for sample in iter_tar_samples(shard_paths, handler):
-        try:
-            caption = bytes(sample["txt"]).decode("utf-8").strip()
-        except (KeyError, UnicodeDecodeError):
-            caption = ""
-        if caption:
-            yield caption
-        else:
-            skipped += 1
-        if include_questions and "qa.json" in sample:
-            try:
-                pairs = json.loads(bytes(sample["qa.json"]))
-                texts = [str(pair[field]) for pair in pairs for field in ("question", "answer")]
-            except (ValueError, TypeError, KeyError):
-                skipped += 1
-                continue
-            yield from (text for text in texts if text.strip())
-    if skipped:
-        logger.warning("iter_captions: %d samples or tar members without a usable caption", skipped)

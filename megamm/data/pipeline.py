@@ -1,67 +1,66 @@
-"""Training and evaluation loaders over WebDataset image-caption shards, with optional audio and
-question-answer pairs.
+"""Training and evaluation loaders over WebDataset shards of images, captions, audio and questions.
 
-Training data is read as ``dp_size * W`` independent, deterministic streams
-(``W = max(data.num_workers, 1)`` DataLoader workers per data-parallel rank). Stream
-``s = dp_rank * W + worker`` owns the shards ``shards[s::dp_size * W]``; per epoch it shuffles
-its shard order and then its samples (in a buffer of ``data.shuffle_buffer``), both with RNGs
-seeded from ``(data.seed, epoch, s)``, and builds whole micro-batches inside the worker. The
-DataLoader hands out batches round-robin over workers, so global batch ``i`` comes from worker
-``i % W``. Ranks that share a data-parallel index (tensor-parallel peers) therefore see
-identical batches.
+Training data is read as deterministic streams (:mod:`megamm.data.streams`): ``data-parallel size
+x W`` of them (``W = max(data.num_workers, 1)`` DataLoader workers a rank). Stream
+``s = dp_rank * W + worker`` is read by that worker of that rank, which decodes its samples
+(:mod:`megamm.data.samples`) and builds whole micro-batches. The DataLoader hands out batches
+round-robin over workers, so global batch ``i`` comes from worker ``i % W``. Ranks that share a
+data-parallel index (tensor- and pipeline-parallel peers) therefore see identical batches.
 
-A sample is usable if it has a non-empty UTF-8 ``txt`` caption and an image (``png``, ``jpg``,
-``jpeg`` or ``webp``) whose header can be read; such a sample is a *candidate*. Unusable
-samples, broken tar members and candidates whose pixels do not decode are skipped and counted
-in the ``skipped`` field of the next batch.
+Bad samples (a corrupt image, undecodable audio, a missing, empty or non-UTF-8 caption, broken
+JSON) are skipped, and so is the rest of a shard that is truncated, unreadable or whose ``pipe:``
+command fails. Each batch counts what was skipped since the previous one, by reason
+(:data:`~megamm.data.samples.BAD_REASONS`) and by shard; the training loop logs the counts and
+stops once the bad fraction passes ``data.max_bad_fraction``.
 
-A sample may also have a ``wav`` (16 kHz 16-bit PCM, :mod:`megamm.data.audio`) and a ``qa.json``
-(a JSON list of ``{"question", "answer"}`` objects, as the demo dataset writes); either may be
-missing, and the batch says which rows have them. A ``wav`` or ``qa.json`` that cannot be read
-makes the sample a bad one (the header and the JSON are checked when screening, the samples when
-decoding). Audio longer than :data:`MAX_AUDIO_SAMPLES` is cut to it. A loader reads only the
-extras it is asked for (``extras``, a subset of :data:`EXTRAS`): a model without an audio encoder
-neither decodes nor screens ``wav``, its batches' audio fields hold no rows' audio, and likewise for
-``qa.json``. Each sample contributes one
-question per pass: pair ``blake2b(seed, epoch, key) mod n`` of its ``n``, so a sample's question
-depends only on the data seed, the pass and the sample (not on the streams, the decoding or the
-resume point).
-
-The data position (:class:`DataPosition`) is exact: each batch says which stream made it and
-how many candidates that stream had consumed when it did. Resuming skips exactly that many
-candidates per stream (screening raw samples without decoding them, so it is cheap) and starts
-the round robin at the batch count, so a resumed run sees the batches the uninterrupted run
-would have seen. The position counts candidates, not batches, so it stays exact across
-undecodable images and across a change of ``micro_batch_size``.
+The data position (:class:`DataPosition`) is exact: each batch carries its stream's state once
+the batch was taken (a few numbers, :mod:`megamm.data.streams`). A resumed run starts each
+stream from its saved state, which costs at most one shard's reading however far the run had
+got, and starts the round robin at the batch count, so it sees the batches the uninterrupted run
+would have seen. The position counts raw samples, so it stays exact across bad samples and
+across a change of ``micro_batch_size``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import itertools
-import json
 import logging
-import os
-import random
 import signal
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, TypedDict
+from typing import Any, Iterable, Iterator, Sequence, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megamm.config import ConfigError, DataConfig
-from megamm.data.audio import SAMPLE_RATE, WavError, decode_wav, pcm_to_float, wav_info
-from megamm.data.demo import ANSWER_VOCAB
-from megamm.data.shards import expand_shards, iter_tar_samples
+from megamm.data.audio import SAMPLE_RATE
+from megamm.data.images import IMAGE_EXTENSIONS, decode_image, images_to_tensor, square_rgb
+from megamm.data.samples import (
+    BAD_REASONS,
+    EXTRAS,
+    NO_ANSWER,
+    PAIRS,
+    Bad,
+    Row,
+    SampleDecoder,
+    answer_index,
+    default_pairs,
+)
+from megamm.data.shards import ShardError, expand_shards, iter_shard_samples, shard_name, shard_sizes
+from megamm.data.streams import Source, initial_state, stream_samples
 from megamm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+__all__ = [
+    "AUDIO_PAD_MULTIPLE", "BAD_REASONS", "EXTRAS", "IMAGE_EXTENSIONS", "MAX_AUDIO_SAMPLES", "NO_ANSWER", "PAIRS",
+    "ROW_FIELDS", "Batch", "DataPosition", "build_sources", "build_train_loader", "check_shard_count",
+    "data_stream_settings", "decode_image", "images_to_tensor", "iter_eval_batches", "placeholder_batch",
+    "square_rgb",
+]  # fmt: skip
+
 _MAX_WARNINGS = 5
 
 MAX_AUDIO_SECONDS = 1.0
@@ -70,29 +69,29 @@ MAX_AUDIO_SAMPLES = int(MAX_AUDIO_SECONDS * SAMPLE_RATE)
 AUDIO_PAD_MULTIPLE = 1600
 """A batch's audio is padded to its longest clip rounded up to a multiple of this (0.1 s), at least
 one multiple: few distinct shapes, never an empty one. :data:`MAX_AUDIO_SAMPLES` is a multiple."""
-EXTRAS = ("audio", "qa")
-"""What a sample may carry beside its image and caption: ``wav`` and ``qa.json``."""
-ANSWER_INDEX: dict[str, int] = {answer: index for index, answer in enumerate(ANSWER_VOCAB)}
-NO_ANSWER = -1
-"""``answer`` of a row without a question, or whose answer is not in the vocabulary: ignore it."""
 ROW_FIELDS = (
-    "image", "text_ids", "text_mask", "audio", "audio_lengths", "has_audio",
+    "image", "has_image", "text_ids", "text_mask", "has_text", "audio", "audio_lengths", "has_audio",
     "question_ids", "question_mask", "answer", "answer_ids", "answer_mask",
-)
+)  # fmt: skip
 """The tensor fields of a :class:`Batch`, one row per sample."""
 
 
 class Batch(TypedDict):
-    """One batch of image-caption pairs, with audio and a question where the samples have them."""
+    """One batch of samples: each row has a pair of modalities, and a question where it has one."""
 
     image: torch.Tensor
-    """(B, 3, H, W) float32, pixel values mapped to [-1, 1]: (x / 255 - 0.5) / 0.5."""
+    """(B, 3, H, W) float32, pixel values mapped to [-1, 1]: (x / 255 - 0.5) / 0.5; -1 (black)
+    in rows without an image."""
+    has_image: torch.Tensor
+    """(B,) bool, True for rows with an image."""
     text_ids: torch.Tensor
-    """(B, T) int64 token ids: BOS, pieces, EOS, then padding."""
+    """(B, T) int64 token ids: BOS, pieces, EOS, then padding; BOS alone without a caption."""
     text_mask: torch.Tensor
     """(B, T) bool, True for real tokens (BOS and EOS included)."""
+    has_text: torch.Tensor
+    """(B,) bool, True for rows with a caption."""
     audio: torch.Tensor
-    """(B, S) float32 16 kHz mono waveforms in [-1, 1), zero after each row's length; S is the
+    """(B, S) float32 16 kHz mono waveforms in [-1, 1], zero after each row's length; S is the
     longest clip rounded up to a multiple of :data:`AUDIO_PAD_MULTIPLE` (at least one)."""
     audio_lengths: torch.Tensor
     """(B,) int64 valid samples of each row's audio (0 when it has none)."""
@@ -112,13 +111,19 @@ class Batch(TypedDict):
     keys: list[str]
     """Sample keys, one per row."""
     skipped: int
-    """Bad samples and broken tar members skipped while producing this batch."""
+    """Bad samples skipped while producing this batch (the sum of ``bad``)."""
+    bad: dict[str, int]
+    """Those bad samples by reason (:data:`~megamm.data.samples.BAD_REASONS`)."""
+    bad_shards: dict[str, int]
+    """Those bad samples by shard (file name, or the ``pipe:`` command's object)."""
+    seen: int
+    """Raw samples read while producing this batch, good and bad."""
     stream: int
     """The training stream that made this batch (-1 for evaluation batches)."""
-    position: int
-    """Candidates that stream had consumed, this batch included (its data position)."""
+    position: dict[str, Any]
+    """That stream's state once this batch was taken (:mod:`megamm.data.streams`)."""
     epoch: int
-    """The stream's pass over its shards (0 first) when it made this batch."""
+    """The epoch (of its source) of the batch's last sample (0 first)."""
 
 
 @dataclass
@@ -127,134 +132,57 @@ class DataPosition:
 
     batches: int = 0
     """Micro-batches taken from this rank's loader (all its workers); sets the round-robin phase."""
-    streams: dict[int, int] = field(default_factory=dict)
-    """Candidates consumed, by stream id; a stream not listed starts at 0."""
+    streams: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Stream states, by stream id; a stream not listed starts afresh."""
+    epochs: list[int] | None = None
+    """Where a stream not listed starts: each source at this epoch (None: epoch 0)."""
 
     def advance(self, batch: Batch) -> None:
         """Record that ``batch`` has been taken."""
         self.batches += 1
-        self.streams[int(batch["stream"])] = int(batch["position"])
+        self.streams[int(batch["stream"])] = batch["position"]
+
+
+def next_epochs(streams: dict[Any, dict[str, Any]], sources: int) -> list[int]:
+    """The epoch after the furthest any saved stream had got, for each source: where to restart
+    when the saved stream states cannot be continued (another number of streams)."""
+    epochs = [0] * sources
+    for state in streams.values():
+        for index, source in enumerate(state.get("sources", [])[:sources]):
+            epochs[index] = max(epochs[index], int(source["epoch"]) + 1)
+    return epochs
 
 
 # ----------------------------------------------------------------------------------------------
-# Screening, decoding and collation
+# Bad data and collation
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    """A raw sample that passed the cheap pre-decode check."""
-
-    key: str
-    image_bytes: bytes
-    caption: str
-    audio_bytes: bytes | None = None
-    """The ``wav``, its header checked; None: no audio."""
-    questions: tuple[tuple[str, str], ...] = ()
-    """(question, answer) pairs of ``qa.json``."""
-
-
-class _SkipLog:
-    """Counts bad samples since the last batch and logs the first few of them."""
+class _BadLog:
+    """Counts bad samples since the last batch (by reason and shard) and logs the first few."""
 
     def __init__(self, where: str) -> None:
         self.where = where
-        self.pending = 0
+        self.reasons: Counter[str] = Counter()
+        self.shards: Counter[str] = Counter()
         self.total = 0
 
-    def add(self, message: str) -> None:
-        self.pending += 1
+    def add(self, reason: str, url: str, detail: str, count: int = 1) -> None:
+        self.reasons[reason] += count
+        self.shards[shard_name(url)] += count
         self.total += 1
         if self.total <= _MAX_WARNINGS:
-            suffix = "; further bad samples are counted silently" if self.total == _MAX_WARNINGS else ""
-            logger.warning("%s: skipping bad sample: %s%s", self.where, message, suffix)
+            suffix = "; further bad data is counted silently" if self.total == _MAX_WARNINGS else ""
+            logger.warning("%s: skipping bad data (%s): %s%s", self.where, reason, detail, suffix)
 
-    def handler(self, exn: Exception) -> bool:
-        """WebDataset error handler: count, log, continue."""
-        self.add(f"unreadable tar data: {exn!r}")
-        return True
+    def shard_error(self, error: ShardError, samples: int = 1) -> None:
+        self.add(error.reason, error.args[0].split(": ", 1)[0], f"{error} (rest of the shard skipped)", samples)
 
-    def take(self) -> int:
-        """The count since the last call."""
-        count, self.pending = self.pending, 0
-        return count
-
-
-def _check_extras(extras: Iterable[str]) -> frozenset[str]:
-    chosen = frozenset(extras)
-    if not chosen <= set(EXTRAS):
-        raise ValueError(f"extras {sorted(chosen - set(EXTRAS))} are not among {EXTRAS}")
-    return chosen
-
-
-def _screen(sample: dict[str, Any], extras: frozenset[str] = frozenset(EXTRAS)) -> _Candidate | str:
-    """The sample as a candidate, or the reason it is unusable. Reads only the image header, and
-    of the ``extras``, the wav header and the questions."""
-    caption_bytes = sample.get("txt")
-    if caption_bytes is None:
-        return "no 'txt' caption"
-    try:
-        caption = bytes(caption_bytes).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "caption is not UTF-8"
-    if not caption:
-        return "empty caption"
-    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if extension is None:
-        return f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})"
-    image_bytes = bytes(sample[extension])
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            width, height = image.size
-    except Exception as err:  # PIL raises many types on malformed input
-        return f"undecodable {extension} ({type(err).__name__})"
-    if width < 1 or height < 1:
-        return f"empty {extension} ({width}x{height})"
-    audio_bytes = None
-    if "wav" in sample and "audio" in extras:
-        audio_bytes = bytes(sample["wav"])
-        try:
-            wav_info(audio_bytes)
-        except WavError as err:
-            return f"unusable wav ({err})"
-    questions: tuple[tuple[str, str], ...] = ()
-    if "qa.json" in sample and "qa" in extras:
-        try:
-            questions = parse_questions(bytes(sample["qa.json"]))
-        except ValueError as err:
-            return f"unusable qa.json ({err})"
-    return _Candidate(str(sample.get("__key__", "")), image_bytes, caption, audio_bytes, questions)
-
-
-def parse_questions(data: bytes) -> tuple[tuple[str, str], ...]:
-    """``qa.json`` bytes -> (question, answer) pairs; raises ValueError unless it is a JSON list of
-    objects with non-empty string ``question`` and ``answer`` (other fields are ignored)."""
-    try:
-        pairs = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"not UTF-8 JSON: {err}") from None
-    if not isinstance(pairs, list):
-        raise ValueError(f"expected a list of question-answer objects, got {type(pairs).__name__}")
-    parsed = []
-    for pair in pairs:
-        question = pair.get("question") if isinstance(pair, dict) else None
-        answer = pair.get("answer") if isinstance(pair, dict) else None
-        if not (isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip()):
-            raise ValueError(f"{pair!r} is not an object with non-empty 'question' and 'answer' strings")
-        parsed.append((" ".join(question.split()), " ".join(answer.split())))
-    return tuple(parsed)
-
-
-def question_choice(seed: int, epoch: int, key: str, count: int) -> int:
-    """Which of a sample's ``count`` questions it contributes in pass ``epoch``: a pure function
-    of the arguments, the same in every process."""
-    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{key}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % count
-
-
-def answer_index(answer: str) -> int:
-    """The class of ``answer`` in :data:`~megamm.data.demo.ANSWER_VOCAB` (case and spacing
-    ignored), or :data:`NO_ANSWER`."""
-    return ANSWER_INDEX.get(" ".join(answer.lower().split()), NO_ANSWER)
+    def take(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(by reason, by shard) since the last call."""
+        taken = dict(self.reasons), dict(self.shards)
+        self.reasons.clear()
+        self.shards.clear()
+        return taken
 
 
 def max_audio_samples(cfg: DataConfig) -> int:
@@ -267,211 +195,137 @@ def padded_audio_length(longest: int) -> int:
     return max(1, -(-longest // AUDIO_PAD_MULTIPLE)) * AUDIO_PAD_MULTIPLE
 
 
-def _describe(sample: dict[str, Any]) -> str:
-    return f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')!r}"
+def make_decoder(cfg: DataConfig, extras: Iterable[str], pairs: Iterable[str] | None) -> SampleDecoder:
+    """The sample decoder of the loaders: ``cfg``'s sizes and seed."""
+    return SampleDecoder(cfg.image_size, SAMPLE_RATE, max_audio_samples(cfg), cfg.seed, extras, pairs)
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Image bytes -> (image_size, image_size, 3) uint8 RGB.
+class _Collator:
+    """Rows -> :class:`Batch`."""
 
-    Non-square images are centre-cropped to a square first; other sizes are resized (bicubic).
-    Raises whatever PIL raises for corrupt data.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        return square_rgb(image, image_size)
-
-
-def square_rgb(image: Image.Image, image_size: int) -> np.ndarray:
-    """A PIL image -> (image_size, image_size, 3) uint8 RGB, as the loaders make it: converted to
-    RGB, centre-cropped to a square, resized (bicubic) if its size differs."""
-    rgb = image.convert("RGB")
-    width, height = rgb.size
-    if width != height:
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        rgb = rgb.crop((left, top, left + side, top + side))
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
-    pixels = torch.from_numpy(images).to(torch.float32)  # (B, H, W, 3)
-    return pixels.permute(0, 3, 1, 2).contiguous().div_(127.5).sub_(1.0)
-
-
-class _BatchBuilder:
-    """Decodes candidates and collates them into :class:`Batch` dicts."""
-
-    def __init__(self, tokenizer: Tokenizer, cfg: DataConfig, log: _SkipLog) -> None:
+    def __init__(self, tokenizer: Tokenizer, cfg: DataConfig) -> None:
         self.tokenizer = tokenizer
         self.image_size = cfg.image_size
         self.max_length = cfg.max_text_length
-        self.max_audio_samples = max_audio_samples(cfg)
-        self.seed = cfg.seed
-        self.log = log
-        self._reset()
 
-    def _reset(self) -> None:
-        self._images: list[np.ndarray] = []
-        self._captions: list[str] = []
-        self._keys: list[str] = []
-        self._audio: list[np.ndarray | None] = []
-        self._questions: list[tuple[str, str] | None] = []
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def add(self, candidate: _Candidate, epoch: int = 0) -> bool:
-        """Decode and append, with the question of pass ``epoch``; False (and counted as skipped)
-        if the image or the audio does not decode."""
-        try:
-            pixels = decode_image(candidate.image_bytes, self.image_size)
-        except Exception as err:  # PIL raises many types on corrupt pixel data
-            self.log.add(f"{candidate.key!r}: image data does not decode ({type(err).__name__}: {err})")
-            return False
-        audio = None
-        if candidate.audio_bytes is not None:
-            try:
-                audio = decode_wav(candidate.audio_bytes)[: self.max_audio_samples]
-            except WavError as err:
-                self.log.add(f"{candidate.key!r}: wav does not decode ({err})")
-                return False
-        question = None
-        if candidate.questions:
-            index = question_choice(self.seed, epoch, candidate.key, len(candidate.questions))
-            question = candidate.questions[index]
-        self._images.append(pixels)
-        self._captions.append(candidate.caption)
-        self._keys.append(candidate.key)
-        self._audio.append(audio)
-        self._questions.append(question)
-        return True
-
-    def _encode_optional(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) ids and mask of ``texts``; a None row is all padding, masked out."""
-        absent = ([self.tokenizer.pad_id] * self.max_length, [False] * self.max_length)
-        encoded = [absent if text is None else self.tokenizer.encode(text, self.max_length) for text in texts]
+    def _encode(self, texts: Sequence[str | None], absent_bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids and mask of ``texts``; a None row is padding (after a lone BOS if ``absent_bos``)."""
+        length = self.max_length
+        absent = ([BOS_ID] + [PAD_ID] * (length - 1), [True] + [False] * (length - 1)) if absent_bos else (
+            [PAD_ID] * length, [False] * length
+        )
+        encoded = [absent if text is None else self.tokenizer.encode(text, length) for text in texts]
         ids = torch.tensor([ids for ids, _ in encoded], dtype=torch.int64)  # (B, T)
         return ids, torch.tensor([mask for _, mask in encoded], dtype=torch.bool)  # (B, T)
 
-    def _audio_fields(self) -> dict[str, torch.Tensor]:
-        lengths = [0 if clip is None else len(clip) for clip in self._audio]
-        waveforms = np.zeros((len(lengths), padded_audio_length(max(lengths))), dtype=np.float32)  # (B, S)
-        for row, clip in enumerate(self._audio):
-            if clip is not None:
-                waveforms[row, : len(clip)] = pcm_to_float(clip)
+    def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
+        blank = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
+        images = np.stack([blank if row.image is None else row.image for row in rows])  # (B, H, W, 3)
+        text_ids, text_mask = self._encode([row.caption for row in rows], absent_bos=True)
+        lengths = [0 if row.audio is None else len(row.audio) for row in rows]
+        waveforms = np.zeros((len(rows), padded_audio_length(max(lengths))), dtype=np.float32)  # (B, S)
+        for index, row in enumerate(rows):
+            if row.audio is not None:
+                waveforms[index, : len(row.audio)] = row.audio
+        questions = [None if row.question is None else row.question[0] for row in rows]
+        answers = [None if row.question is None else row.question[1] for row in rows]
+        question_ids, question_mask = self._encode(questions, absent_bos=False)
+        answer_ids, answer_mask = self._encode(answers, absent_bos=False)
+        image = images_to_tensor(images)  # (B, 3, H, W)
+        has_image = torch.tensor([row.image is not None for row in rows], dtype=torch.bool)  # (B,)
+        image[~has_image] = -1.0  # black, as the model's own placeholder
         return {
+            "image": image,
+            "has_image": has_image,
+            "text_ids": text_ids,  # (B, T)
+            "text_mask": text_mask,  # (B, T)
+            "has_text": torch.tensor([row.caption is not None for row in rows], dtype=torch.bool),  # (B,)
             "audio": torch.from_numpy(waveforms),  # (B, S)
             "audio_lengths": torch.tensor(lengths, dtype=torch.int64),  # (B,)
-            "has_audio": torch.tensor([clip is not None for clip in self._audio], dtype=torch.bool),  # (B,)
-        }
-
-    def _question_fields(self) -> dict[str, torch.Tensor]:
-        questions = [None if qa is None else qa[0] for qa in self._questions]
-        answer_texts = [None if qa is None else qa[1] for qa in self._questions]
-        question_ids, question_mask = self._encode_optional(questions)
-        answer_ids, answer_mask = self._encode_optional(answer_texts)
-        answers = [NO_ANSWER if qa is None else answer_index(qa[1]) for qa in self._questions]
-        return {
+            "has_audio": torch.tensor([row.audio is not None for row in rows], dtype=torch.bool),  # (B,)
             "question_ids": question_ids,  # (B, T)
             "question_mask": question_mask,  # (B, T)
-            "answer": torch.tensor(answers, dtype=torch.int64),  # (B,)
+            "answer": torch.tensor([NO_ANSWER if a is None else answer_index(a) for a in answers], dtype=torch.int64),
             "answer_ids": answer_ids,  # (B, T)
             "answer_mask": answer_mask,  # (B, T)
+            "keys": [row.key for row in rows],
         }
 
-    def emit(self, stream: int = -1, position: int = 0, epoch: int = 0) -> Batch:
-        """The batch of everything added since the last emit, made by ``stream`` at ``position``
-        in its pass ``epoch``."""
-        encoded = [self.tokenizer.encode(c, self.max_length) for c in self._captions]
-        batch: Batch = {
-            "image": images_to_tensor(np.stack(self._images)),  # (B, 3, H, W)
-            "text_ids": torch.tensor([ids for ids, _ in encoded], dtype=torch.int64),  # (B, T)
-            "text_mask": torch.tensor([mask for _, mask in encoded], dtype=torch.bool),  # (B, T)
-            **self._audio_fields(),  # type: ignore[typeddict-item]
-            **self._question_fields(),  # type: ignore[typeddict-item]
-            "keys": self._keys,
-            "skipped": self.log.take(),
-            "stream": stream,
-            "position": position,
-            "epoch": epoch,
-        }
-        self._reset()
-        return batch
+
+def _batch(collate: _Collator, rows: list[Row], log: _BadLog, seen: int, stream: int, position: dict[str, Any], epoch: int) -> Batch:
+    bad, bad_shards = log.take()
+    return {  # type: ignore[typeddict-item]
+        **collate(rows),
+        "skipped": sum(bad.values()),
+        "bad": bad,
+        "bad_shards": bad_shards,
+        "seen": seen,
+        "stream": stream,
+        "position": position,
+        "epoch": epoch,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
-# Training streams
+# Training
 
 
-def _epoch_rng(seed: int, epoch: int, stream: int) -> random.Random:
-    """The RNG of one stream in one epoch, a pure function of its arguments."""
-    state = np.random.SeedSequence([seed % 2**64, epoch, stream]).generate_state(1, np.uint64)
-    return random.Random(int(state[0]))
+def build_sources(cfg: DataConfig) -> list[Source]:
+    """The training sources: ``data.sources``, or ``data.train_shards`` as the only one.
 
-
-def _shuffle(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Shuffle through a buffer of ``buffer_size`` items (<= 1: unchanged order)."""
-    if buffer_size <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _candidates(
-    shards: list[str], seed: int, stream: int, shuffle_buffer: int, log: _SkipLog, extras: frozenset[str]
-) -> Iterator[tuple[int, _Candidate]]:
-    """(epoch, candidate) forever: per epoch, shuffled shard order, buffer-shuffled samples."""
-    for epoch in itertools.count():
-        rng = _epoch_rng(seed, epoch, stream)
-        order = list(shards)
-        rng.shuffle(order)
-        usable = 0
-        for sample in _shuffle(iter_tar_samples(order, log.handler), shuffle_buffer, rng):
-            candidate = _screen(sample, extras)
-            if isinstance(candidate, str):
-                log.add(f"{_describe(sample)}: {candidate}")
-                continue
-            usable += 1
-            yield epoch, candidate
-        if usable == 0:
-            raise RuntimeError(
-                f"{log.where}: shards {order} hold no usable samples (each needs a non-empty 'txt' "
-                "and a readable png/jpg); check data.train_shards"
+    Raises:
+        ConfigError: a source's shards are missing.
+    """
+    if not cfg.sources:
+        urls = expand_shards(cfg.train_shards, "data.train_shards")
+        sizes = shard_sizes(urls)
+        return [Source(tuple(urls), 1.0, None if sizes is None else tuple(sizes), "train_shards")]
+    sources = []
+    for index, spec in enumerate(cfg.sources):
+        field_name = f"data.sources[{index}].shards"
+        urls = expand_shards(spec.shards, field_name)
+        sizes = shard_sizes(urls, spec.index or None)
+        if spec.index and sizes is None:
+            raise ConfigError(
+                f"data.sources[{index}].index={spec.index!r} does not list every shard of {field_name} (by file name); "
+                "rewrite it (tools/make_shards.py writes one) or leave it empty"
             )
+        sources.append(Source(tuple(urls), spec.weight, None if sizes is None else tuple(sizes), spec.name or f"source{index}"))
+    return sources
 
 
-def _train_batches(
-    candidates: Iterator[tuple[int, _Candidate]], builder: _BatchBuilder, batch_size: int, stream: int, skip: int
-) -> Iterator[Batch]:
-    """Micro-batches of ``batch_size`` from ``stream``, after dropping its first ``skip`` candidates undecoded."""
-    next(itertools.islice(candidates, skip, skip), None)
-    builder.log.take()  # bad samples among the skipped candidates belong to earlier batches
-    consumed = skip
-    # The epoch that last decoded an image. A resumed stream starts inside an epoch whose earlier
-    # part it did not see, so that epoch counts as good; a fresh one starts before epoch 0.
-    last_good_epoch: int | None = None if skip else -1
-    for epoch, candidate in candidates:
-        consumed += 1
-        if last_good_epoch is None:
-            last_good_epoch = epoch
-        if builder.add(candidate, epoch):
-            last_good_epoch = epoch
-        elif epoch - last_good_epoch > 1:
-            raise RuntimeError(f"{builder.log.where}: no image decoded for a whole epoch; check the shards")
-        if len(builder) == batch_size:
-            yield builder.emit(stream, consumed, epoch)
+def stream_count(cfg: DataConfig, dp_size: int) -> int:
+    """Training streams: data-parallel ranks x loader workers (one rank's workers under
+    ``data.global_batches``)."""
+    return (1 if cfg.global_batches else dp_size) * max(cfg.num_workers, 1)
+
+
+def check_shard_count(sources: Sequence[Source], cfg: DataConfig, dp_size: int) -> None:
+    """Refuse data that cannot feed every stream: in epochs mode, fewer shards than streams when
+    no index gives the sample counts (with one, streams share shards), or fewer samples than streams.
+
+    Raises:
+        ConfigError: naming the source, the counts and the fixes.
+    """
+    streams = stream_count(cfg, dp_size)
+    workers = max(cfg.num_workers, 1)
+    for index, source in enumerate(sources):
+        name = "data.train_shards" if not cfg.sources else f"data.sources[{index}]"
+        if cfg.sampling != "epochs":
+            continue
+        if source.sizes is None and len(source.urls) < streams:
+            raise ConfigError(
+                f"{name} has {len(source.urls)} shards and no sample-count index, but {streams // workers} data-parallel "
+                f"ranks x {workers} loader workers (data.num_workers={cfg.num_workers}) need at least {streams} shards "
+                "to deal them out whole; write an index (tools/make_shards.py writes sizes.json beside the shards; "
+                "with it streams share shards by sample), write more, smaller shards, lower data.num_workers, or use "
+                "data.sampling=resample"
+            )
+        if source.sizes is not None and sum(source.sizes) < streams:
+            raise ConfigError(
+                f"{name} holds {sum(source.sizes)} samples, fewer than the {streams} streams that read it "
+                f"(data-parallel ranks x data.num_workers={cfg.num_workers}); use more data or fewer workers"
+            )
 
 
 class _TrainStreams(IterableDataset):
@@ -480,23 +334,23 @@ class _TrainStreams(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
-        shards: list[str],
+        sources: list[Source],
         tokenizer: Tokenizer,
         dp_rank: int,
         dp_size: int,
         micro_batch_size: int,
         start: DataPosition,
-        extras: frozenset[str],
+        decoder: SampleDecoder,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.extras = extras
-        self.shards = shards
+        self.sources = sources
         self.tokenizer = tokenizer
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.micro_batch_size = micro_batch_size
         self.start = start
+        self.decoder = decoder
         self.num_workers = max(cfg.num_workers, 1)
 
     def _worker_index(self) -> int:
@@ -516,12 +370,30 @@ class _TrainStreams(IterableDataset):
         # start.batches; the stream that owns it is logical worker start.batches % W.
         logical = (self._worker_index() + self.start.batches) % workers
         stream = self.dp_rank * workers + logical
-        log = _SkipLog(f"data stream {stream} (dp rank {self.dp_rank}, worker {logical})")
-        shards = self.shards[stream :: self.dp_size * workers]
-        candidates = _candidates(shards, self.cfg.seed, stream, self.cfg.shuffle_buffer, log, self.extras)
-        builder = _BatchBuilder(self.tokenizer, self.cfg, log)
-        skip = self.start.streams.get(stream, 0)
-        return _train_batches(candidates, builder, self.micro_batch_size, stream, skip)
+        state = self.start.streams.get(stream) or initial_state(len(self.sources), self.start.epochs)
+        return self.batches(stream, state)
+
+    def batches(self, stream: int, state: dict[str, Any], bytes_read: list[int] | None = None) -> Iterator[Batch]:
+        """Micro-batches of ``stream`` from ``state`` on."""
+        cfg = self.cfg
+        log = _BadLog(f"data stream {stream} (dp rank {self.dp_rank})")
+        collate = _Collator(self.tokenizer, cfg)
+        items = stream_samples(
+            self.sources, stream, self.dp_size * self.num_workers, cfg.seed, cfg.sampling, cfg.shuffle_buffer,
+            cfg.open_shards, state, log.shard_error, bytes_read,
+        )  # fmt: skip
+        rows: list[Row] = []
+        seen = 0
+        for item in items:
+            seen += 1
+            decoded = self.decoder(item.sample, item.sample["__epoch__"])
+            if isinstance(decoded, Bad):
+                log.add(decoded.reason, item.sample["__url__"], f"{shard_name(item.sample['__url__'])}: {item.sample['__key__']!r}: {decoded.detail}")
+                continue
+            rows.append(decoded)
+            if len(rows) == self.micro_batch_size:
+                yield _batch(collate, rows, log, seen, stream, item.state, int(item.sample["__epoch__"]))
+                rows, seen = [], 0
 
 
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -540,21 +412,14 @@ def _check_loader_args(dp_rank: int, dp_size: int, micro_batch_size: int, start:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
-    if start.batches < 0 or any(count < 0 for count in start.streams.values()):
+    if start.batches < 0:
         raise ValueError(f"a data position counts up from 0, got {start}")
-
-
-def check_shard_count(shards: list[str], cfg: DataConfig, dp_size: int) -> None:
-    """Refuse fewer training shards than streams (``dp_size`` ranks x loader workers; one rank's
-    workers under ``data.global_batches``)."""
-    workers = max(cfg.num_workers, 1)
-    dp_size = 1 if cfg.global_batches else dp_size
-    if len(shards) < dp_size * workers:
-        raise ConfigError(
-            f"data.train_shards={cfg.train_shards!r} has {len(shards)} shards, but {dp_size} data-parallel "
-            f"ranks x {workers} loader workers (data.num_workers={cfg.num_workers}) need at least "
-            f"{dp_size * workers}; write more, smaller shards or lower data.num_workers"
-        )
+    for stream, state in start.streams.items():
+        if not isinstance(state, dict) or not {"block", "offset", "sources"} <= state.keys():
+            raise ValueError(
+                f"the data position of stream {stream} is {state!r}, not a stream state (an older megamm saved it); "
+                "resume with --restart-data"
+            )
 
 
 def build_train_loader(
@@ -565,37 +430,39 @@ def build_train_loader(
     micro_batch_size: int,
     start: DataPosition | None = None,
     extras: Iterable[str] = EXTRAS,
+    pairs: Iterable[str] | None = None,
 ) -> Iterable[Batch]:
     """An endless, deterministic stream of training micro-batches for one data-parallel rank.
 
     Args:
-        cfg: the ``data`` config (shards, workers, shuffle buffer, seed, sizes).
+        cfg: the ``data`` config (sources, workers, sampling, shuffle blocks, seed, sizes).
         tokenizer: encodes captions to ``cfg.max_text_length`` ids.
         dp_rank, dp_size: this rank's data-parallel index and the data-parallel world size
             (not the global rank: tensor-parallel peers pass the same ``dp_rank``).
         micro_batch_size: samples per batch.
         start: where this rank's data stands (a resumed run's saved position; None: the start).
             It may come from a run with another ``micro_batch_size``: positions count samples.
-        extras: which of :data:`EXTRAS` to read (others are neither screened nor decoded). The
-            position depends on it (a bad ``wav`` is a bad sample only when audio is read): a
-            resumed run must ask for the same.
+        extras: which of :data:`EXTRAS` to read (others are neither checked nor decoded).
+        pairs: which modality pairs make a sample usable (:data:`PAIRS`; None: image+text, and
+            the audio pairs when audio is read). A resumed run must ask for the same extras and
+            pairs: they decide which samples are bad.
 
     Returns:
         A DataLoader; each ``iter()`` starts again at ``start``. Same arguments, same batches.
 
     Raises:
-        ConfigError: the shards are missing, or fewer than ``dp_size * max(num_workers, 1)``.
+        ConfigError: the shards are missing, or cannot feed ``dp_size * max(num_workers, 1)`` streams.
     """
     cfg.validate("data")
     start = start or DataPosition()
     _check_loader_args(dp_rank, dp_size, micro_batch_size, start)
-    chosen = _check_extras(extras)
-    shards = expand_shards(cfg.train_shards, "data.train_shards")
-    check_shard_count(shards, cfg, dp_size)
+    decoder = make_decoder(cfg, extras, pairs)
+    sources = build_sources(cfg)
+    check_shard_count(sources, cfg, dp_size)
     if cfg.global_batches:
-        dataset = _TrainStreams(cfg, shards, tokenizer, 0, 1, micro_batch_size * dp_size, start, chosen)
+        dataset = _TrainStreams(cfg, sources, tokenizer, 0, 1, micro_batch_size * dp_size, start, decoder)
     else:
-        dataset = _TrainStreams(cfg, shards, tokenizer, dp_rank, dp_size, micro_batch_size, start, chosen)
+        dataset = _TrainStreams(cfg, sources, tokenizer, dp_rank, dp_size, micro_batch_size, start, decoder)
     init = _ignore_scheduler_signals if cfg.num_workers > 0 else None
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=init)
     return _RowsOf(loader, dp_rank, micro_batch_size) if cfg.global_batches else loader
@@ -604,7 +471,7 @@ def build_train_loader(
 class _RowsOf:
     """Data-parallel rank ``dp_rank``'s rows of every global micro-batch (``data.global_batches``).
 
-    The skip count is reported by rank 0 only, so that its sum over ranks counts each bad sample once.
+    The bad-data counts are reported by rank 0 only, so that their sum over ranks counts each once.
     """
 
     def __init__(self, loader: DataLoader, dp_rank: int, micro_batch_size: int) -> None:
@@ -614,11 +481,15 @@ class _RowsOf:
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
+            mine = self.dp_rank == 0
             yield {  # type: ignore[misc]
                 **batch,
                 **{name: batch[name][self.rows] for name in ROW_FIELDS},  # type: ignore[literal-required]
                 "keys": batch["keys"][self.rows],
-                "skipped": batch["skipped"] if self.dp_rank == 0 else 0,
+                "skipped": batch["skipped"] if mine else 0,
+                "bad": batch["bad"] if mine else {},
+                "bad_shards": batch["bad_shards"] if mine else {},
+                "seen": batch["seen"] if mine else 0,
             }
 
 
@@ -633,14 +504,14 @@ def iter_eval_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
     extras: Iterable[str] = EXTRAS,
+    pairs: Iterable[str] | None = None,
 ) -> Iterator[Batch]:
     """This data-parallel rank's share of the evaluation set, streamed: every usable sample of
     its shards (``shards[dp_rank::dp_size]`` of ``cfg.eval_shards``) once, in file order.
 
-    Only one batch is held at a time, so the set may be of any size. Each sample's question is
-    that of pass 0 (see the module docstring). The last batch may be smaller; a rank may get no
-    shard at all when there are fewer shards than ranks. ``extras``: as for
-    :func:`build_train_loader`.
+    Only one batch is held at a time, so the set may be of any size. Each sample's caption and
+    question are those of pass 0. The last batch may be smaller; a rank may get no shard at all
+    when there are fewer shards than ranks. ``extras``, ``pairs``: as for :func:`build_train_loader`.
 
     Raises:
         ConfigError: the shards are missing, or (read whole, ``dp_size == 1``) hold no usable
@@ -652,24 +523,29 @@ def iter_eval_batches(
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     shards = expand_shards(cfg.eval_shards, "data.eval_shards")[dp_rank::dp_size]
-    log = _SkipLog("eval data" if dp_size == 1 else f"eval data (dp rank {dp_rank})")
-    builder = _BatchBuilder(tokenizer, cfg, log)
-    chosen = _check_extras(extras)
-    delivered = 0
-    for sample in iter_tar_samples(shards, log.handler):
-        candidate = _screen(sample, chosen)
-        if isinstance(candidate, str):
-            log.add(f"{_describe(sample)}: {candidate}")
-        elif builder.add(candidate) and len(builder) == batch_size:
+    log = _BadLog("eval data" if dp_size == 1 else f"eval data (dp rank {dp_rank})")
+    decoder = make_decoder(cfg, extras, pairs)
+    collate = _Collator(tokenizer, cfg)
+    rows: list[Row] = []
+    delivered = seen = 0
+    for sample in iter_shard_samples(shards, log.shard_error):
+        seen += 1
+        decoded = decoder(sample)
+        if isinstance(decoded, Bad):
+            log.add(decoded.reason, sample["__url__"], f"{shard_name(sample['__url__'])}: {sample['__key__']!r}: {decoded.detail}")
+            continue
+        rows.append(decoded)
+        if len(rows) == batch_size:
             delivered += batch_size
-            yield builder.emit()
-    if len(builder):
-        delivered += len(builder)
-        yield builder.emit()
+            yield _batch(collate, rows, log, seen, -1, {}, 0)
+            rows, seen = [], 0
+    if rows:
+        delivered += len(rows)
+        yield _batch(collate, rows, log, seen, -1, {}, 0)
     if delivered == 0 and dp_size == 1:
         raise ConfigError(
-            f"data.eval_shards={cfg.eval_shards!r} hold no usable samples ({log.total} skipped); "
-            "run tools/make_demo_data.py or fix the path"
+            f"data.eval_shards={cfg.eval_shards!r} hold no usable samples ({log.total} bad: "
+            "tools/inspect_shards.py tells why); run tools/make_demo_data.py or fix the path"
         )
 
 
@@ -680,9 +556,11 @@ def placeholder_batch(cfg: DataConfig) -> Batch:
     mask = torch.zeros(1, cfg.max_text_length, dtype=torch.bool)  # (1, T)
     ids[0, 0], mask[0, 0] = BOS_ID, True
     return {
-        "image": torch.zeros(1, 3, cfg.image_size, cfg.image_size),  # (1, 3, H, W)
+        "image": torch.full((1, 3, cfg.image_size, cfg.image_size), -1.0),  # (1, 3, H, W)
+        "has_image": torch.zeros(1, dtype=torch.bool),  # (1,)
         "text_ids": ids,
         "text_mask": mask,
+        "has_text": torch.zeros(1, dtype=torch.bool),  # (1,)
         "audio": torch.zeros(1, padded_audio_length(0)),  # (1, S)
         "audio_lengths": torch.zeros(1, dtype=torch.int64),  # (1,)
         "has_audio": torch.zeros(1, dtype=torch.bool),  # (1,)
@@ -693,25 +571,50 @@ def placeholder_batch(cfg: DataConfig) -> Batch:
         "answer_mask": torch.zeros(1, cfg.max_text_length, dtype=torch.bool),  # (1, T)
         "keys": ["placeholder"],
         "skipped": 0,
+        "bad": {},
+        "bad_shards": {},
+        "seen": 0,
         "stream": -1,
-        "position": 0,
+        "position": {},
+        "epoch": 0,
     }
 
 
-def data_stream_settings(cfg: DataConfig, shards: list[str]) -> dict[str, Any]:
+def data_stream_settings(cfg: DataConfig, sources: Sequence[Source], dp_size: int) -> dict[str, Any]:
     """What a training data position depends on: with other values it would name other samples.
 
-    The shard list is recorded by file name (count and SHA-256), so moving the data elsewhere
+    Shard lists are recorded by file name (count and SHA-256), so moving the data elsewhere
     keeps a position valid; ``micro_batch_size`` is absent because positions count samples.
+    ``streams`` may change: a resumed run then restarts at the next epoch (see :func:`next_epochs`).
     """
-    names = "\n".join(os.path.basename(path) for path in shards)
-    settings: dict[str, Any] = {
-        "shards": len(shards),
-        "shard_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest(),
-        "loader_workers": max(cfg.num_workers, 1),
+    recorded = []
+    for source in sources:
+        names = "\n".join(shard_name(url) for url in source.urls)
+        recorded.append({
+            "shards": len(source.urls),
+            "shard_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest(),
+            "weight": source.weight,
+            "indexed": source.sizes is not None,
+        })  # fmt: skip
+    return {
+        "format": 2,
+        "sources": recorded,
+        "streams": stream_count(cfg, dp_size),
         "seed": cfg.seed,
+        "sampling": cfg.sampling,
         "shuffle_buffer": cfg.shuffle_buffer,
+        "open_shards": cfg.open_shards,
+        "global_batches": cfg.global_batches,
     }
-    if cfg.global_batches:  # other streams (recorded only when set, so older positions stay valid)
-        settings["global_batches"] = True
-    return settings
+
+
+def keys_digest(keys: Sequence[str]) -> int:
+    """A 63-bit digest of a batch's sample keys, to compare across ranks that must read the same."""
+    digest = hashlib.blake2b("\0".join(keys).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def bad_summary(shards: dict[str, int], top: int = 5) -> str:
+    """``"a.tar (12), b.tar (3)"``: the shards with the most bad samples."""
+    worst = sorted(shards.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return ", ".join(f"{name} ({count})" for name, count in worst)

@@ -152,31 +152,32 @@ def assert_batches_equal(left: list[dict[str, Any]], right: list[dict[str, Any]]
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_dp_ranks_partition_one_epoch(demo: Path, tokenizer: Tokenizer, num_workers: int) -> None:
+    # The demo's index (sizes.json) deals each epoch out by sample: 128 samples a rank, 64 a
+    # stream with two workers; shuffle blocks of 16 divide both, so epochs end on batch edges.
     cfg = data_cfg(demo, num_workers=num_workers)
     shards = sorted(str(p) for p in (demo / "train").glob("*.tar"))
     dp_size, batch_size = 2, 8
-    streams = dp_size * max(num_workers, 1)
     batches_per_epoch = TRAIN_SHARDS * PER_SHARD // dp_size // batch_size  # per rank
-    seen: list[set[str]] = []
+    epochs: list[list[set[str]]] = [[], []]
     for rank in range(dp_size):
         batches = take(build_train_loader(cfg, tokenizer, rank, dp_size, batch_size), 2 * batches_per_epoch)
-        first, second = batch_keys(batches[:batches_per_epoch]), batch_keys(batches[batches_per_epoch:])
-        owned = [s for stream in range(rank * streams // dp_size, (rank + 1) * streams // dp_size)
-                 for s in shards[stream::streams]]
-        assert len(first) == len(set(first)), "a sample repeated within one epoch"
-        assert set(first) == set(tar_keys(owned)), "rank read shards it does not own"
-        assert set(second) == set(first) and second != first, "next epoch not a reshuffle of the same samples"
         assert [b["epoch"] for b in batches] == [0] * batches_per_epoch + [1] * batches_per_epoch
-        seen.append(set(first))
+        for epoch, part in enumerate((batches[:batches_per_epoch], batches[batches_per_epoch:])):
+            keys = batch_keys(part)
+            assert len(keys) == len(set(keys)), "a sample repeated within one epoch"
+            epochs[epoch].append(set(keys))
         batch = batches[0]
         assert batch["image"].shape == (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
         assert batch["image"].dtype == torch.float32
         assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
         assert batch["text_ids"].shape == batch["text_mask"].shape == (batch_size, TEXT_LENGTH)
         assert batch["text_ids"].dtype == torch.int64 and batch["text_mask"].dtype == torch.bool
-        assert all(b["skipped"] == 0 for b in batches)
-    assert not seen[0] & seen[1], "data-parallel ranks overlap"
-    assert seen[0] | seen[1] == set(tar_keys(shards))
+        assert bool(batch["has_image"].all() and batch["has_text"].all())
+        assert all(b["skipped"] == 0 and b["seen"] == batch_size for b in batches)
+    for ranks in epochs:
+        assert not ranks[0] & ranks[1], "data-parallel ranks overlap"
+        assert ranks[0] | ranks[1] == set(tar_keys(shards)), "an epoch is not every sample"
+    assert epochs[0][0] != epochs[1][0], "the next epoch deals the reshuffled shards out anew"
 
 
 def test_batch_content_matches_tar(demo: Path, tokenizer: Tokenizer) -> None:
@@ -249,16 +250,19 @@ def test_resume_with_another_micro_batch_size_neither_skips_nor_repeats(
     }
     small = take(build_train_loader(cfg, tokenizer, 0, 1, 4), 3 * workers)
     position = position_after(small)
-    assert position.streams == {worker: 12 for worker in range(workers)}
+    assert {stream: state["offset"] for stream, state in position.streams.items()} == {w: 12 for w in range(workers)}
     large = take(build_train_loader(cfg, tokenizer, 0, 1, 8, position), 2 * workers)
     for worker in range(workers):
         taken = batch_keys(small[worker::workers]) + batch_keys(large[worker::workers])
         assert taken == stream_order[worker][:28], f"stream {worker} skipped or repeated samples"
 
 
-def test_loader_configuration_errors(demo: Path, tokenizer: Tokenizer) -> None:
-    with pytest.raises(ConfigError, match=r"data\.train_shards.*data\.num_workers"):
-        build_train_loader(data_cfg(demo, num_workers=3), tokenizer, 0, 4, 8)  # 8 shards < 4 x 3
+def test_loader_configuration_errors(demo: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    for shard in (demo / "train").glob("*.tar"):
+        shutil.copy(shard, tmp_path / shard.name)  # without the index (sizes.json)
+    with pytest.raises(ConfigError, match=r"data\.train_shards has 8 shards and no sample-count index.*data\.num_workers"):
+        build_train_loader(data_cfg(demo, num_workers=3, train_shards=str(tmp_path)), tokenizer, 0, 4, 8)  # 8 < 4 x 3
+    assert take(build_train_loader(data_cfg(demo, num_workers=3), tokenizer, 3, 4, 8), 1), "with the index, streams share shards"
     with pytest.raises(ConfigError, match=r"data\.train_shards='.*missing.*' matched no files"):
         build_train_loader(data_cfg(demo, train_shards=str(demo / "missing" / "*.tar")), tokenizer, 0, 1, 8)
     with pytest.raises(ValueError, match="dp_rank"):
@@ -582,7 +586,8 @@ def test_resume_just_before_an_undecodable_image_after_the_first_epoch(
             writer.write({"__key__": f"good-{i:02d}", "png": png_bytes(20 + i), "txt": f"caption {i}".encode()})
     cfg = data_cfg(demo, train_shards=str(shard_dir), shuffle_buffer=0)
     full = take(build_train_loader(cfg, tokenizer, 0, 1, 4), 6)  # two epochs of 12 decoded images
-    assert [b["position"] for b in full] == [5, 9, 13, 18, 22, 26]
-    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 4, DataPosition(3, {0: 13})), 3)
+    assert [b["seen"] for b in full] == [5, 4, 4, 5, 4, 4]
+    assert full[2]["position"]["sources"][0]["open"] == [[0, 13]], "the end of the shard, not yet of the epoch"
+    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 4, position_after(full[:3])), 3)
     assert_batches_equal(full[3:], resumed)
     assert resumed[0]["skipped"] == 1 and resumed[0]["keys"][0] == "good-00"

@@ -102,7 +102,7 @@ def _expand_one(item: str, spec: str, field_name: str) -> list[str]:
 
 def is_pipe(url: str) -> bool:
     """True for a ``pipe:`` shard (a command), False for a local file."""
-    return url.startswith(PIPE_PREFIX)
+    return str(url).startswith(PIPE_PREFIX)
 
 
 def spec_parts(spec: str | Sequence[str]) -> list[str]:
@@ -350,8 +350,8 @@ class ShardReader:
     members repeat an extension is returned with ``"__error__"`` set instead of its members.
     """
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str | Path) -> None:
+        self.url = str(url)
         self.error: ShardError | None = None
         self.samples = 0
         """Samples returned or skipped so far."""
@@ -521,10 +521,10 @@ class ShardReader:
                 self._source.close()
 
 
-def iter_shard_samples(urls: Iterable[str], on_error: Callable[[ShardError], None]) -> Iterator[dict[str, Any]]:
+def iter_shard_samples(urls: Iterable[str | Path], on_error: Callable[[ShardError], None]) -> Iterator[dict[str, Any]]:
     """Every sample of ``urls``, shard after shard; each shard's problem goes to ``on_error``."""
     for url in urls:
-        reader = ShardReader(url)
+        reader = ShardReader(str(url))
         try:
             while (sample := reader.next()) is not None:
                 yield sample

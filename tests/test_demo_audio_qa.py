@@ -371,9 +371,9 @@ def test_corrupt_wav_or_questions_are_bad_samples(demo: Path, tokenizer: Tokeniz
     training = take(build_train_loader(cfg, tokenizer, 0, 1, 4), 2)
     assert [b["keys"] for b in training] == [[f"good-{i}" for i in range(4)]] * 2
     assert [b["skipped"] for b in training] == [3, 3]
-    # the truncated wav passes screening and fails decoding: a consumed candidate
-    assert [b["position"] for b in training] == [5, 10]
-    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 4, DataPosition(1, {0: 5})), 1)
+    # every raw sample counts, bad ones included: 7 a batch (one epoch of the one shard)
+    assert [b["seen"] for b in training] == [7, 7]
+    resumed = take(build_train_loader(cfg, tokenizer, 0, 1, 4, DataPosition(1, {0: training[0]["position"]})), 1)
     assert resumed[0]["keys"] == training[1]["keys"] and resumed[0]["skipped"] == 3
     # A model that reads neither audio nor questions (extras=()) keeps every sample and reads neither.
     plain = list(iter_eval_batches(cfg, tokenizer, 8, extras=()))

@@ -18,7 +18,8 @@ A stream reads ``data.open_shards`` of its epoch's shards (*pieces*: a shard, or
 that it was dealt) at once and interleaves them, drawing from a random open piece for each sample,
 so that a batch mixes several shards. Samples are shuffled in *blocks* of ``data.shuffle_buffer``
 raw samples: block ``b`` draws its samples (picking the source by ``weight`` and the piece) and
-its permutation from an RNG seeded by ``(data.seed, s, b)``.
+its permutation from an RNG seeded by ``(data.seed, s, b)``. With one source, a block is shuffled
+within each epoch's part of it, so a stream passes on all of an epoch before the next one.
 
 The state of a stream (:class:`StreamState`) is the block it is in, how many of that block's
 samples it has passed on, and, for each source, the epoch, the next piece and the open pieces with
@@ -98,6 +99,23 @@ def epoch_pieces(source: Source, index: int, epoch: int, stream: int, streams: i
             pieces.append(Piece(shard, first - offset, last - offset))
         offset += size
     return pieces
+
+
+def _permutation(raws: list[dict[str, Any]], rng: random.Random, by_epoch: bool) -> list[int]:
+    """The order a block's samples are passed on in: shuffled; with ``by_epoch``, within each run
+    of one epoch, so that a stream passes on every sample of an epoch before the next epoch's."""
+    order = list(range(len(raws)))
+    if not by_epoch:
+        rng.shuffle(order)
+        return order
+    start = 0
+    for end in range(1, len(raws) + 1):
+        if end == len(raws) or raws[end]["__epoch__"] != raws[start]["__epoch__"]:
+            segment = order[start:end]
+            rng.shuffle(segment)
+            order[start:end] = segment
+            start = end
+    return order
 
 
 def initial_state(sources: int, epochs: Sequence[int] | None = None) -> dict[str, Any]:
@@ -258,8 +276,7 @@ def stream_samples(
             for _ in range(block_size):
                 which = 0 if len(cursors) == 1 else rng.choices(range(len(cursors)), weights)[0]
                 raws.append(cursors[which].draw(rng))
-            order = list(range(block_size))
-            rng.shuffle(order)
+            order = _permutation(raws, rng, by_epoch=len(cursors) == 1)
             end = [cursor.state() for cursor in cursors]
             for position in range(offset, block_size):
                 if bytes_read is not None:

@@ -44,8 +44,9 @@ def _config(*overrides: str) -> TrainConfig:
 
 
 def _batch(model: ModelConfig, index: int) -> dict[str, torch.Tensor]:
-    """A fixed batch with every input the whole model reads: short and missing audio, rows without
-    a question, answers of every kind (-1 included), captions of every length."""
+    """A fixed batch with every input the whole model reads: short and missing audio, a row without
+    an image and one without a caption (audio pairs), rows without a question, answers of every
+    kind (-1 included), captions of every length."""
     generator = torch.Generator().manual_seed(100 + index)
     length, vocab = model.text.max_length, model.text.vocab_size
 
@@ -60,11 +61,15 @@ def _batch(model: ModelConfig, index: int) -> dict[str, torch.Tensor]:
     answer_ids, answer_mask = tokens(2, 6)
     lengths = torch.randint(2000, 8001, (BATCH,), generator=generator)
     lengths[(index + 1) % BATCH] = 0
+    has_image, has_text = torch.ones(BATCH, dtype=torch.bool), torch.ones(BATCH, dtype=torch.bool)
+    has_image[(index + 2) % BATCH] = False
+    has_text[(index + 3) % BATCH] = False
     size = model.image.image_size
     return {
         "image": torch.randn(BATCH, 3, size, size, generator=generator),
         "text_ids": ids, "text_mask": mask,
         "audio": 0.1 * torch.randn(BATCH, 8000, generator=generator), "audio_lengths": lengths, "has_audio": lengths > 0,
+        "has_image": has_image, "has_text": has_text,
         "question_ids": question_ids, "question_mask": question_mask,
         "answer": torch.randint(-1, model.objectives.num_answers, (BATCH,), generator=generator),
         "answer_ids": answer_ids, "answer_mask": answer_mask,

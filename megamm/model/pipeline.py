@@ -131,16 +131,18 @@ are computed by the loss function."""
 
 _INPUT_FIELDS = {
     "": ("image", "text_ids", "text_mask"),
-    "audio": ("audio", "audio_lengths", "has_audio"),
+    "audio": ("audio", "audio_lengths", "has_audio", "has_image", "has_text"),
     "qa": ("question_ids", "question_mask", "answer", "answer_ids", "answer_mask"),
 }
+"""With audio, a row may lack its image or its caption (audio+text, image+audio samples): the
+loader's has_image and has_text (B,) say which, where without audio every row has both."""
 
 
 def pipeline_inputs(config: ModelConfig) -> tuple[str, ...]:
     """The names of the tensors the first stage receives, in order: image (B, C, S, S), text_ids
     (B, T), text_mask (B, T) and, with the data extras the model reads (``config.data_extras``),
     audio (B, S), audio_lengths (B,), has_audio (B,), question_ids / question_mask (B, T), answer
-    (B,), answer_ids / answer_mask (B, T)."""
+    (B,), answer_ids / answer_mask (B, T); with audio also has_image and has_text (B,)."""
     return tuple(name for extra in ("", *config.data_extras) for name in _INPUT_FIELDS[extra])
 
 
@@ -196,7 +198,8 @@ def _stack_rows(first: torch.Tensor, second: torch.Tensor, pad: Any) -> torch.Te
 
 class ImageEmbeddingLayer(StreamLayer):
     """image (B, C, S, S) -> image features (B, N+1, Hi) (this rank's slice under sequence
-    parallelism) and has_image (B,) bool, all True (the pipeline is given images in every row)."""
+    parallelism) and has_image (B,) bool: the input's where the stream carries one (models with
+    audio), else all True (every row has an image)."""
 
     PLAIN_NAMES = {"embedding": "image_encoder.embedding"}
 
@@ -217,14 +220,17 @@ class ImageEmbeddingLayer(StreamLayer):
 
     def compute(self, values: Values) -> Values:
         images = values["image"]
-        has_image = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)  # (B,)
+        has_image = values.get("has_image")
+        if has_image is None:
+            has_image = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)  # (B,)
         return {"image": self.embedding(images), "has_image": has_image}
 
 
 class TextEmbeddingLayer(StreamLayer):
     """text_ids / text_mask (B, T) (and with ``questions`` question_ids / question_mask stacked
     below, 2B rows, padded to the longer of the two) -> text features (R, T, Ht) and their key mask
-    text_keys (R, T') (padded like the stream under sequence parallelism); has_text (B,) bool."""
+    text_keys (R, T') (padded like the stream under sequence parallelism); has_text (B,) bool: the
+    input's where the stream carries one (models with audio), else the rows with any token."""
 
     PLAIN_NAMES = {"embedding": "text_encoder.embedding"}
 
@@ -248,7 +254,8 @@ class TextEmbeddingLayer(StreamLayer):
 
     def compute(self, values: Values) -> Values:
         ids, mask = values["text_ids"], values["text_mask"]
-        out = {"has_text": mask.any(dim=1)}  # (B,)
+        given = values.get("has_text")
+        out = {"has_text": mask.any(dim=1) if given is None else given & mask.any(dim=1)}  # (B,)
         if self.questions:
             ids = _stack_rows(ids, values["question_ids"], self.pad_id)  # (2B, T)
             mask = _stack_rows(mask, values["question_mask"], False)  # (2B, T)
@@ -940,11 +947,12 @@ def _plan(
     towers = tuple(m for m in TOWERS if m in config.modalities)
     late = config.fusion.kind in ("concat", "weighted")
 
+    given = ["has_image", "has_text"] if config.audio.enabled else []  # rows may lack either (see _INPUT_FIELDS)
     pieces = [
-        _piece(ImageEmbeddingLayer, config, init, group, sp, reads=["image"], writes=["image", "has_image"]),
+        _piece(ImageEmbeddingLayer, config, init, group, sp, reads=["image", *given[:1]], writes=["image", "has_image"]),
         _piece(
             TextEmbeddingLayer, config, group, init, sp, questions,
-            reads=["text_ids", "text_mask", *(["question_ids", "question_mask"] if questions else [])],
+            reads=["text_ids", "text_mask", *given[1:], *(["question_ids", "question_mask"] if questions else [])],
             writes=["text", "text_keys", "has_text"],
         ),  # fmt: skip
     ]

@@ -417,3 +417,44 @@ def test_source_config_errors(tmp_path: Path, tokenizer: Tokenizer) -> None:
     with pytest.raises(ConfigError, match=r"data\.sampling='sometimes' is not one of epochs, resample"):
         build_train_loader(cfg_for(tmp_path / "a", tokenizer, sampling="sometimes"), tokenizer, 0, 1, 2)
     assert os.path.exists(tmp_path / "a" / "sizes.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Modality pairs
+
+
+def flac(seconds: float, rate: int = 44_100, channels: int = 2) -> bytes:
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([tone] * channels, axis=1), rate, format="FLAC")
+    return buffer.getvalue()
+
+
+def test_any_trained_pair_makes_a_sample_usable(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    root = tmp_path / "pairs"
+    root.mkdir()
+    write_tar(root / "shard-000000.tar", [
+        {"__key__": "image-text", "jpg": jpeg(1), "txt": b"sample red"},
+        {"__key__": "audio-text", "flac": flac(0.5), "json": json.dumps({"captions": ["sample blue", "sample red"]}).encode()},
+        {"__key__": "image-audio", "jpg": jpeg(2), "wav": encode_wav((3000 * np.sin(np.arange(8000) / 5)).astype(np.int16))},
+        {"__key__": "image-only", "jpg": jpeg(3)},
+        {"__key__": "vqa", "jpg": jpeg(4), "json": json.dumps({"question": "what colour?", "answers": ["red", "blue", "red"]}).encode()},
+    ])  # fmt: skip
+    cfg = cfg_for(root, tokenizer, eval_shards=str(root / "shard-000000.tar"))
+    batch = next(iter_eval_batches(cfg, tokenizer, 8, extras=("audio", "qa")))
+    assert batch["keys"] == ["image-text", "audio-text", "image-audio", "vqa"]
+    assert batch["has_image"].tolist() == [True, False, True, True]
+    assert batch["has_text"].tolist() == [True, True, False, False]
+    assert batch["has_audio"].tolist() == [False, True, True, False]
+    assert batch["audio_lengths"].tolist() == [0, 8000, 8000, 0], "44.1 kHz stereo FLAC -> 0.5 s at 16 kHz mono"
+    assert abs(float(batch["audio"][1].abs().max()) - 0.3) < 0.01
+    assert (batch["image"][1] == -1).all(), "a row without an image is black"
+    assert batch["text_mask"][2].tolist() == [True] + [False] * (TEXT_LENGTH - 1), "BOS alone without a caption"
+    assert batch["question_mask"][3].any() and batch["answer_mask"][3].any()  # "red": the most frequent answer
+    assert batch["bad"] == {"caption_missing": 1}
+    # A model that trains on image+text only: the audio+text and image+audio samples are bad.
+    plain = next(iter_eval_batches(cfg, tokenizer, 8, extras=()))
+    assert plain["keys"] == ["image-text"] and plain["bad"] == {"image_missing": 1, "caption_missing": 3}

@@ -458,3 +458,26 @@ def test_any_trained_pair_makes_a_sample_usable(tmp_path: Path, tokenizer: Token
     # A model that trains on image+text only: the audio+text and image+audio samples are bad.
     plain = next(iter_eval_batches(cfg, tokenizer, 8, extras=()))
     assert plain["keys"] == ["image-text"] and plain["bad"] == {"image_missing": 1, "caption_missing": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# The key check across model-parallel peers
+
+
+def _key_check(rank: int, world: int) -> None:
+    from megamm.data import keys_digest
+    from megamm.parallel import ParallelState
+    from megamm.train import check_same_keys
+
+    parallel = ParallelState.initialize(tensor_parallel=world)
+    same = [keys_digest(["a", "b"]), keys_digest(["c"])]
+    check_same_keys(same, parallel, step=3)  # identical keys: passes
+    differing = [keys_digest(["a", "b" if rank == 0 else "x"]), keys_digest(["c"])]
+    with pytest.raises(RuntimeError, match=r"step 4: the tensor/pipeline-parallel peers of data-parallel rank 0 trained on different samples \(ranks \[1\] differ from rank 0\)"):
+        check_same_keys(differing, parallel, step=4)
+
+
+def test_model_parallel_peers_with_other_keys_are_caught(tmp_path: Path) -> None:
+    from tests.distributed import run_distributed
+
+    run_distributed(_key_check, 2, tmp_path, timeout=120)

@@ -481,3 +481,25 @@ def test_model_parallel_peers_with_other_keys_are_caught(tmp_path: Path) -> None
     from tests.distributed import run_distributed
 
     run_distributed(_key_check, 2, tmp_path, timeout=120)
+
+
+def test_train_tokenizer_streams_captions_from_pipes_and_json(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import train_tokenizer as tool
+
+    root = tmp_path / "text"
+    root.mkdir()
+    words = ["zebra", "quokka", "narwhal", "axolotl"]
+    write_tar(root / "a.tar", [
+        {"__key__": f"a{i}", "jpg": jpeg(i), "json": json.dumps({"captions": [f"a {w} swims" for w in words]}).encode()}
+        for i in range(30)
+    ])  # fmt: skip
+    write_tar(root / "b.tar", [{"__key__": f"b{i}", "jpg": jpeg(i), "txt": b"an okapi grazes"} for i in range(30)])
+    out = tmp_path / "tok" / "t.model"
+    assert tool.main(["--shards", f"pipe:cat {root / 'a.tar'}", str(root / "b.tar"), "--out", str(out), "--vocab-size", "60"]) == 0
+    tokenizer = Tokenizer(out)
+    for word in [*words, "okapi"]:
+        assert 1 not in tokenizer.pieces(f"a {word}"), f"{word} is not covered"  # 1: the unknown piece
+    assert tool.main(["--shards", str(root / "missing.tar"), "--out", str(out)]) == 2

@@ -2,6 +2,13 @@
 
     python tools/train_tokenizer.py --shards 'demo_data/train/shard-{000000..000007}.tar' \
         --out demo_data/tokenizer.model --vocab-size 256
+    python tools/train_tokenizer.py --shards /data/cc3m/train-{0000..0575}.tar \
+        'pipe:aws s3 cp s3://bucket/audiocaps/train-{000..099}.tar -' --max-texts 2000000 \
+        --out runs/tok/tokenizer.model --vocab-size 32000
+
+Captions are streamed from the shards as training reads them (``txt``, ``json`` captions; several
+specifications, ``pipe:`` commands included), with a progress bar; ``--max-texts`` stops early
+(SentencePiece samples at most 2,000,000 sentences anyway).
 
 An existing model at --out is reused when it covers the shards' text (no unknown piece in the
 first COVERAGE_SAMPLES texts), unless --force is given; one that does not (say, trained on the
@@ -16,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from megamm.config import DataConfig, TextConfig
 from megamm.data import UNK_ID, Tokenizer, expand_shards, iter_captions, train_tokenizer
 
@@ -23,8 +32,10 @@ from megamm.data import UNK_ID, Tokenizer, expand_shards, iter_captions, train_t
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data_defaults, text_defaults = DataConfig(), TextConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", default=data_defaults.train_shards,
-                        help="brace pattern, glob, directory or comma list of .tar shards")
+    parser.add_argument("--shards", nargs="+", default=[data_defaults.train_shards],
+                        help="shard specifications: brace patterns, globs, directories, pipe: commands, comma lists")
+    parser.add_argument("--max-texts", type=int, default=0,
+                        help="stop after this many captions, questions and answers (0: read every shard)")
     parser.add_argument("--out", default=data_defaults.tokenizer, help="output .model file")
     parser.add_argument("--vocab-size", type=int, default=text_defaults.vocab_size,
                         help="target vocabulary size (a soft limit; must not exceed model.text.vocab_size)")
@@ -52,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = expand_shards(args.shards, "--shards")
         questions = not args.captions_only
+        if args.max_texts < 0:
+            raise ValueError(f"--max-texts={args.max_texts} must be >= 0 (0: every text)")
         uncovered: list[str] = []
         if out.exists() and not args.force:
             sample = list(itertools.islice(iter_captions(shards, include_questions=questions), COVERAGE_SAMPLES))
@@ -62,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             if uncovered:
                 print(f"the tokenizer {out} does not cover the shards' text (e.g. {uncovered[0]!r} has an unknown "
                       "piece): training it again")
-            train_tokenizer(iter_captions(shards, include_questions=questions), out, args.vocab_size,
-                            model_type=args.model_type)
+            texts = tqdm(iter_captions(shards, include_questions=questions), desc="texts", unit=" texts",
+                         total=args.max_texts or None, file=sys.stderr, disable=None)
+            limited = itertools.islice(texts, args.max_texts) if args.max_texts else texts
+            train_tokenizer(limited, out, args.vocab_size, model_type=args.model_type)
+            texts.close()
             action = f"trained in {time.perf_counter() - start:.1f} s:"
         tokenizer = Tokenizer(out, field_name="--out")
     except ValueError as err:

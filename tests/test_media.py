@@ -35,6 +35,8 @@ from megamm.data.audio import (
     input_frames_needed,
     pcm_to_float,
     resample,
+    resampled_length,
+    resampling_ratio,
 )
 from megamm.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, decode_image, images_to_tensor, square_rgb
 
@@ -270,6 +272,11 @@ def test_jpeg_draft_mode_matches_a_full_decode(monkeypatch: pytest.MonkeyPatch) 
     assert decode_image(tall, 128).shape == (128, 128, 3)
     assert drafted_sizes == [(150, 900)]  # 1/2 scale: 150 >= 128 (1/4 would give 75)
 
+    first = Image.fromarray(photo(1000, 800, seed=6))
+    mpo = encoded(first, "MPO", save_all=True, append_images=[first])  # a camera's multi-picture JPEG
+    drafted_sizes.clear()
+    assert decode_image(mpo, 224).shape == (224, 224, 3) and drafted_sizes == [(500, 400)]
+
 
 # ----------------------------------------------------------------------------------------------
 # Images: refusals
@@ -386,7 +393,8 @@ def test_pcm_wav_of_every_width(width: int) -> None:
     assert np.abs(got - expected).max() <= 2**-23  # exact up to float32
     if width <= 3:
         assert np.array_equal(got, expected.astype(np.float32))
-    extensible = sound_file(values[:, :1] / 2 ** (bits - 1), SAMPLE_RATE, "WAVEX", {1: "PCM_U8"}.get(width, f"PCM_{bits}"))
+    subtype = "PCM_U8" if width == 1 else f"PCM_{bits}"
+    extensible = sound_file(values[:, :1] / 2 ** (bits - 1), SAMPLE_RATE, "WAVEX", subtype)  # WAVE_FORMAT_EXTENSIBLE
     assert np.abs(decode_audio(extensible, "wav") - values[:, 0] / 2 ** (bits - 1)).max() <= 2**-23
 
 
@@ -397,6 +405,22 @@ def test_mono_mixdown_of_opposite_channels_is_silence() -> None:
     assert not decode_audio(pcm_wav(stereo, 44_100, 2), "wav").any()
     flac = sound_file(stereo / 32768.0, 44_100, "FLAC", "PCM_16")
     assert not decode_audio(flac, "flac").any()
+
+
+def test_flac_without_a_length_is_refused_and_the_bytes_decide_the_format() -> None:
+    x = np.random.default_rng(4).uniform(-0.5, 0.5, 5000)
+    flac = bytearray(sound_file(x, SAMPLE_RATE, "FLAC", "PCM_16"))
+    expected = np.round(x * 32767) / 32768  # what 16-bit FLAC stores, as read back
+    assert np.abs(decode_audio(bytes(flac), "flac") - expected).max() < 1e-4
+    assert audio_info(bytes(flac), "flac").frames == 5000
+    assert flac[:4] == b"fLaC" and flac[4] & 0x7F == 0  # STREAMINFO first: its body starts at byte 8
+    flac[8 + 13] &= 0xF0  # the 36-bit total sample count: 0 (unknown, as a streaming encoder writes)
+    flac[8 + 14 : 8 + 18] = bytes(4)
+    for max_samples in (None, 100):
+        with pytest.raises(AudioError, match="no sample count"):
+            decode_audio(bytes(flac), "flac", max_samples=max_samples)
+    wav = pcm_wav(np.round(x * 32767).astype(np.int64), SAMPLE_RATE, 2)
+    assert np.array_equal(decode_audio(wav, "flac"), decode_audio(wav, "wav"))  # the bytes decide
 
 
 def test_float_wav_is_clipped_and_checked() -> None:
@@ -426,24 +450,50 @@ def test_sine_44k_stereo_flac_and_48k_24_bit_wav_to_16k() -> None:
         assert np.abs(got - reference)[EDGE:-EDGE].max() < 2e-3
 
 
-def test_resampling_matches_an_ideal_band_limited_reference() -> None:
-    rng = np.random.default_rng(5)
-    n = 44_100  # one second: integer-Hz components are periodic in it
-    spectrum = np.zeros(n // 2 + 1, complex)
-    bins = np.arange(20, 7000)  # band-limited noise below 7 kHz
+def band_limited(rate: int, top_hz: int, seed: int) -> np.ndarray:
+    """One second at ``rate`` of random-phase noise on the integer frequencies 20 Hz..``top_hz``
+    (so it is periodic in the second), peaking at 0.3."""
+    rng = np.random.default_rng(seed)
+    spectrum = np.zeros(rate // 2 + 1, complex)
+    bins = np.arange(20, top_hz)
     spectrum[bins] = rng.normal(size=len(bins)) * np.exp(2j * np.pi * rng.uniform(size=len(bins)))
-    signal = np.fft.irfft(spectrum, n)
-    signal *= 0.3 / np.abs(signal).max()
-    for src, dst in ((44_100, 16_000), (44_100, 22_050), (44_100, 48_000)):
-        x = signal if src == 44_100 else fft_resample(signal, src)
-        expected = fft_resample(x, dst)
-        got = resample(x.astype(np.float32), src, dst)
-        assert got.shape == (dst,) and got.dtype == np.float32
-        error = np.abs(got - expected)[EDGE * 3 : -EDGE * 3]
-        assert error.max() < 3e-4 and rms(error) < 5e-5, (src, dst, error.max(), rms(error))  # of a 0.3 peak
-    flac = sound_file(signal, 44_100, "FLAC", "PCM_24")
-    error = np.abs(decode_audio(flac, "flac") - fft_resample(signal, SAMPLE_RATE))[EDGE * 3 : -EDGE * 3]
-    assert error.max() < 3e-4
+    signal = np.fft.irfft(spectrum, rate)
+    return signal * (0.3 / np.abs(signal).max())
+
+
+@pytest.mark.parametrize(
+    "src, dst, top_hz",  # content up to 7/8 of the lower Nyquist frequency: the passband
+    [(44_100, 16_000, 7000), (48_000, 16_000, 7000), (44_100, 22_050, 9600), (44_100, 48_000, 19_000),
+     (8000, 16_000, 3500), (16_000, 44_100, 7000), (11_025, 48_000, 4800)],
+)
+def test_resampling_matches_an_ideal_band_limited_reference(src: int, dst: int, top_hz: int) -> None:
+    x = band_limited(src, top_hz, seed=src + dst)
+    expected = fft_resample(x, dst)
+    got = resample(x.astype(np.float32), src, dst)
+    assert got.shape == (dst,) and got.dtype == np.float32
+    error = np.abs(got - expected)[EDGE * 3 : -EDGE * 3]
+    assert error.max() < 3e-4 and rms(error) < 5e-5, (error.max(), rms(error))  # of a 0.3 peak
+    if src == 44_100 and dst == SAMPLE_RATE:  # the same through a 24-bit FLAC
+        error = np.abs(decode_audio(sound_file(x, src, "FLAC", "PCM_24"), "flac") - expected)[EDGE * 3 : -EDGE * 3]
+        assert error.max() < 3e-4
+
+
+def test_odd_rates_use_a_small_nearby_ratio() -> None:
+    assert resampling_ratio(44_100, 16_000) == (160, 441) and resampling_ratio(16_000, 11_025) == (441, 640)
+    assert resampling_ratio(44_101, 16_000) == (119, 328)  # 16000/44101 has terms over 1000
+    assert resampled_length(44_101, 44_101, 16_000) == 16_001  # ceil(44101 * 119 / 328)
+    x = band_limited(44_101, 7000, seed=7)  # one second of integer-Hz noise at 44,101 Hz
+    got = resample(x, 44_101, 16_000)
+    assert len(got) == 16_001
+    times = np.arange(8000, 8400) * 328 / 119  # output n sits at input time n * 328 / 119
+    spectrum = np.fft.rfft(x)[:7000]  # x is the Fourier series of its spectrum, read at those times
+    series = np.exp(2j * np.pi * np.outer(times, np.arange(7000)) / 44_101) @ spectrum  # (400,)
+    expected = (2 * series.real - spectrum[0].real) / 44_101
+    assert np.abs(got[8000:8400] - expected).max() < 3e-4
+    with pytest.raises(ValueError, match="1000:1"):
+        resample(x, 16_000_001, 16_000)
+    with pytest.raises(AudioError, match="implausible sample rate"):
+        decode_audio(pcm_wav(np.zeros(100, np.int64), 500, 2), "wav")
 
 
 def test_anti_aliasing() -> None:

@@ -30,6 +30,7 @@ import math
 import struct
 import wave
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import numpy as np
@@ -143,16 +144,17 @@ class AudioInfo:
 
     sample_rate: int
     channels: int
-    frames: Optional[int]
-    """Samples per channel; None when the header does not say (a streamed FLAC)."""
+    frames: int
+    """Samples per channel."""
 
 
 def audio_info(data: bytes, extension: str) -> AudioInfo:
     """Read and check only the header of a ``wav`` or ``flac`` clip (cheap: nothing is decoded).
 
     Raises:
-        AudioError: empty, not a clip :func:`decode_audio` reads, no samples, or (WAV) fewer
-            sample bytes than the header announces.
+        AudioError: empty, not a clip :func:`decode_audio` reads, no samples, no sample count
+            (a streamed FLAC), a sample rate outside 1 kHz..1 MHz, or (WAV) fewer sample bytes
+            than the header announces.
         ValueError: ``extension`` is not one of :data:`AUDIO_EXTENSIONS`.
     """
     _check_extension(extension)
@@ -167,15 +169,17 @@ def decode_audio(
 
     The bytes decide the container (``extension`` must be one of :data:`AUDIO_EXTENSIONS`, and a
     WAV under a ``flac`` key, or the reverse, is read all the same). Channels are averaged; a clip
-    at another rate is resampled (:func:`resample`); ``S = ceil(frames * sample_rate / rate)``,
-    or at most ``max_samples``, in which case only the frames those samples depend on (the
+    at another rate is resampled (:func:`resample`); ``S = ceil(frames * sample_rate / rate)``
+    (:func:`resampled_length`), or at most ``max_samples``, in which case only the frames those samples depend on (the
     filter's reach beyond the last one) are decoded and resampled. Results are clipped to
     [-1, 1] (a float WAV may exceed it; so may a resampled full-scale square wave).
 
     Raises:
         AudioError: empty, not WAV/FLAC (or another format libsndfile reads), undecodable, no
-            samples, truncated (fewer sample bytes than a WAV header announces; a FLAC whose
-            frames stop before its header's sample count), or NaN/infinite samples.
+            samples, a sample rate outside 1 kHz..1 MHz, no sample count in the header (a
+            streamed FLAC: libsndfile cannot read one to its end), truncated (fewer sample bytes
+            than a WAV header announces; a FLAC whose frames stop before its header's sample
+            count), or NaN/infinite samples.
         ValueError: a bad ``extension``, ``sample_rate`` or ``max_samples`` (the caller's error).
     """
     _check_extension(extension)
@@ -183,15 +187,10 @@ def decode_audio(
     if max_samples is not None:
         _check_positive("max_samples", max_samples)
     with _open_clip(data) as clip:
-        frames = clip.frames
-        if frames is not None:
-            wanted = -(-frames * sample_rate // clip.rate)  # ceil: output samples of the whole clip
-            if max_samples is not None:
-                wanted = min(wanted, max_samples)
-            frames = min(frames, input_frames_needed(wanted, clip.rate, sample_rate))
-        elif max_samples is not None:
-            frames = input_frames_needed(max_samples, clip.rate, sample_rate)
-        mono = clip.read_mono(frames)  # (N,) float32
+        wanted = resampled_length(clip.frames, clip.rate, sample_rate)  # output samples of the whole clip
+        if max_samples is not None:
+            wanted = min(wanted, max_samples)
+        mono = clip.read_mono(min(clip.frames, input_frames_needed(wanted, clip.rate, sample_rate)))  # (N,)
         rate = clip.rate
     if not np.isfinite(mono).all():
         raise AudioError("non-finite samples (NaN or infinity)")
@@ -212,15 +211,18 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+_MIN_RATE, _MAX_RATE = 1000, 1_000_000  # Hz: a header outside is corrupt (or not audio to train on)
+
+
 class _Clip:
     """An open clip: its header and :meth:`read_mono`."""
 
     rate: int
     channels: int
-    frames: Optional[int]
+    frames: int
 
-    def read_mono(self, frames: Optional[int]) -> np.ndarray:
-        """The first ``frames`` frames (all when None) -> (frames,) float32, channels averaged."""
+    def read_mono(self, frames: int) -> np.ndarray:
+        """The first ``frames`` frames -> (frames,) float32, channels averaged."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -234,7 +236,16 @@ class _Clip:
 
 
 def _open_clip(data: bytes) -> _Clip:
-    """Sniff and open ``data``: integer PCM WAV with :mod:`wave`, anything else with soundfile."""
+    """Sniff and open ``data`` (:func:`_open_any`) and check its sample rate."""
+    clip = _open_any(data)
+    if not _MIN_RATE <= clip.rate <= _MAX_RATE:
+        clip.close()
+        raise AudioError(f"implausible sample rate {clip.rate} Hz")
+    return clip
+
+
+def _open_any(data: bytes) -> _Clip:
+    """Integer PCM WAV with :mod:`wave`, anything else with soundfile."""
     if not data:
         raise AudioError("empty (0 bytes)")
     data = bytes(data)
@@ -280,8 +291,7 @@ class _PcmWav(_Clip):
             self.close()
             raise AudioError("no samples")
 
-    def read_mono(self, frames: Optional[int]) -> np.ndarray:
-        frames = self.frames if frames is None else frames
+    def read_mono(self, frames: int) -> np.ndarray:
         try:
             raw = self.reader.readframes(frames)
         except (wave.Error, EOFError) as err:
@@ -322,7 +332,7 @@ def _mix_down(frames: np.ndarray, scale: float | np.floating = 1.0) -> np.ndarra
 
 
 _UNKNOWN_FRAMES = 2**62  # libsndfile's frame count when a header does not say (SF_COUNT_MAX)
-_READ_BLOCK = 1 << 14  # frames decoded at a time: 128 KiB of float32 stereo
+_READ_BLOCK_SAMPLES = 1 << 15  # samples (frames x channels) decoded at a time: 128 KiB of float32
 
 
 class _LibsndfileClip(_Clip):
@@ -336,24 +346,24 @@ class _LibsndfileClip(_Clip):
         except Exception as err:  # LibsndfileError (a RuntimeError), TypeError, ValueError, ...
             raise AudioError(f"undecodable ({_reason(err)})") from None
         self.rate, self.channels = self.file.samplerate, self.file.channels
-        self.frames = None if self.file.frames >= _UNKNOWN_FRAMES else self.file.frames
+        self.frames = self.file.frames
         if self.rate < 1 or self.channels < 1:
             self.close()
             raise AudioError(f"unusable header ({self.channels} channels, {self.rate} Hz)")
+        if self.frames >= _UNKNOWN_FRAMES:
+            self.close()
+            raise AudioError("no sample count in the header (a streamed FLAC?); re-encode it to a file")
         if self.frames == 0:
             self.close()
             raise AudioError("no samples")
 
-    def read_mono(self, frames: Optional[int]) -> np.ndarray:
-        want = self.frames if frames is None else frames  # None: to the end, however long
+    def read_mono(self, frames: int) -> np.ndarray:
         try:
-            mono = self._read_blocks(want)
-            if self.frames is None and len(mono) == 0:  # a stream without a length ends anywhere
-                raise AudioError("no samples")
-            if self.frames is not None and len(mono) != want:
-                raise AudioError(f"truncated: {len(mono)} of {want} frames")
-            if self.frames is not None and len(mono) < self.frames:  # the rest is not decoded,
-                self.file.seek(self.frames - 1)  # but it must be there (a cheap seek in FLAC)
+            mono = self._read_blocks(frames)
+            if len(mono) != frames:
+                raise AudioError(f"truncated: {len(mono)} of {frames} frames")
+            if frames < self.frames:  # the rest is not decoded, but it must be there:
+                self.file.seek(self.frames - 1)  # a cheap seek in FLAC (fails if it is cut short)
                 if len(self.file.read(1, dtype="float32", always_2d=True)) != 1:
                     raise AudioError(f"truncated: fewer than the {self.frames} frames the header says")
         except AudioError:
@@ -362,19 +372,20 @@ class _LibsndfileClip(_Clip):
             raise AudioError(f"undecodable or truncated ({_reason(err)})") from None
         return mono
 
-    def _read_blocks(self, frames: Optional[int]) -> np.ndarray:
-        """Up to ``frames`` frames (None: all) -> (N,) float32 mono, decoded and mixed down a
-        cache-sized block at a time."""
-        buffer = np.empty((_READ_BLOCK, self.channels), np.float32)
+    def _read_blocks(self, frames: int) -> np.ndarray:
+        """Up to ``frames`` frames -> (N,) float32 mono, decoded and mixed down a cache-sized
+        block at a time."""
+        block_frames = max(1, _READ_BLOCK_SAMPLES // self.channels)
+        buffer = np.empty((min(frames, block_frames), self.channels), np.float32)
         pieces, total = [], 0
-        while frames is None or total < frames:
-            want = _READ_BLOCK if frames is None else min(_READ_BLOCK, frames - total)
+        while total < frames:
+            want = min(block_frames, frames - total)
             block = self.file.read(want, dtype="float32", always_2d=True, out=buffer[:want])  # (n, C)
             pieces.append(_mix_down(block))
             total += len(block)
             if len(block) < want:
                 break
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def close(self) -> None:
         self.file.close()
@@ -420,10 +431,47 @@ def _kaiser_sinc(t: np.ndarray, cutoff: float, reach: float) -> np.ndarray:
     return 2.0 * cutoff * np.sinc(2.0 * cutoff * t) * window
 
 
-@functools.lru_cache(maxsize=8)
-def _plan(src_rate: int, dst_rate: int) -> _Plan:
+MAX_RATIO_TERM = 1000
+"""The largest term of a resampling ratio (see :func:`resampling_ratio`)."""
+
+
+def resampling_ratio(src_rate: int, dst_rate: int) -> tuple[int, int]:
+    """``(up, down)``: :func:`resample` makes ``up`` outputs of every ``down`` inputs.
+
+    ``dst_rate / src_rate`` in lowest terms when both terms are at most :data:`MAX_RATIO_TERM`
+    (every pair of the usual rates: 44.1 kHz -> 16 kHz is 160/441); otherwise the closest
+    fraction whose terms are (44,101 Hz -> 16 kHz becomes 119/328, a rate error of 4e-6), so
+    that the filter bank stays small whatever a header claims.
+
+    Raises:
+        ValueError: a rate is not a positive integer, or one is over :data:`MAX_RATIO_TERM` times
+            the other.
+    """
+    _check_positive("src_rate", src_rate)
+    _check_positive("dst_rate", dst_rate)
+    if max(src_rate, dst_rate) > MAX_RATIO_TERM * min(src_rate, dst_rate):
+        raise ValueError(f"cannot resample {src_rate} Hz to {dst_rate} Hz: over {MAX_RATIO_TERM}:1")
     common = math.gcd(src_rate, dst_rate)
     up, down = dst_rate // common, src_rate // common
+    if max(up, down) <= MAX_RATIO_TERM:
+        return up, down
+    if up < down:  # bounding the larger term bounds both
+        near = Fraction(up, down).limit_denominator(MAX_RATIO_TERM)
+        return near.numerator, near.denominator
+    near = Fraction(down, up).limit_denominator(MAX_RATIO_TERM)
+    return near.denominator, near.numerator
+
+
+def resampled_length(frames: int, src_rate: int, dst_rate: int) -> int:
+    """Samples :func:`resample` makes of ``frames`` inputs: ``ceil(frames * up / down)``."""
+    if src_rate == dst_rate:
+        return frames
+    up, down = resampling_ratio(src_rate, dst_rate)
+    return -(-frames * up // down)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(up: int, down: int) -> _Plan:
     cutoff = 0.5 * min(1.0, up / down)  # the lower Nyquist frequency, in cycles per input sample
     reach = _ZERO_CROSSINGS / (2.0 * cutoff)
     # A group's outputs advance over about one filter length of input, so each product reads
@@ -449,35 +497,38 @@ def input_frames_needed(samples: int, src_rate: int, dst_rate: int) -> int:
         return 0
     if src_rate == dst_rate:
         return samples
-    plan = _plan(src_rate, dst_rate)
+    plan = _plan(*resampling_ratio(src_rate, dst_rate))
     return math.floor((samples - 1) * plan.down / plan.up + plan.reach) + 1
 
 
 def resample(
     waveform: np.ndarray, src_rate: int, dst_rate: int, max_samples: Optional[int] = None
 ) -> np.ndarray:
-    """(N,) samples at ``src_rate`` -> (ceil(N * dst_rate / src_rate),) float32 at ``dst_rate``
-    (at most ``max_samples``), band-limited.
+    """(N,) samples at ``src_rate`` -> (ceil(N * up / down),) float32 at ``dst_rate`` (at most
+    ``max_samples``), band-limited; ``up / down`` is ``dst_rate / src_rate``
+    (:func:`resampling_ratio`).
 
-    Output ``n`` is the input's band-limited value at time ``n / dst_rate``: a sum over the
-    inputs within 16 periods of the lower rate, weighted by a Kaiser-windowed (beta 6) sinc cut
-    off at the lower rate's Nyquist frequency, the weights of each phase normalised to sum to 1.
-    The input is zero outside [0, N). The ratio is reduced by the gcd of the rates, and the
-    phases are evaluated as a few matrix products over strided views of the input.
+    Output ``n`` is the input's band-limited value at input time ``n * down / up``: a sum over
+    the inputs within 16 periods of the lower rate, weighted by a Kaiser-windowed (beta 6) sinc
+    cut off at the lower rate's Nyquist frequency, the weights of each phase normalised to sum
+    to 1. The input is zero outside [0, N). The ``up`` phases are evaluated as a few matrix
+    products over strided views of the input.
+
+    Raises:
+        ValueError: not a 1-D waveform, or rates :func:`resampling_ratio` refuses.
     """
-    _check_positive("src_rate", src_rate)
-    _check_positive("dst_rate", dst_rate)
+    up, down = resampling_ratio(src_rate, dst_rate)
     x = np.asarray(waveform, dtype=np.float32)
     if x.ndim != 1:
         raise ValueError(f"expected a 1-D waveform, got shape {x.shape}")
-    n_out = -(-len(x) * dst_rate // src_rate)
+    n_out = -(-len(x) * up // down)
     if max_samples is not None:
         n_out = min(n_out, max_samples)
-    if src_rate == dst_rate:
+    if up == down:
         return x[:n_out].copy()
     if n_out < 1:
         return np.zeros(0, np.float32)
-    plan = _plan(src_rate, dst_rate)
+    plan = _plan(up, down)
     rows = -(-n_out // plan.row_out)
     used = min(len(x), input_frames_needed(n_out, src_rate, dst_rate))
     pad = max(0, -min(lo for _, _, lo, _ in plan.groups))

@@ -38,7 +38,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, JpegImagePlugin
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Sample keys (file extensions) holding an image, in the order a loader looks for them."""
@@ -88,7 +88,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
                 raise ImageError(f"too large ({width}x{height} > {MAX_PIXELS} pixels): a decompression bomb?")
             if image.format in _REFUSED_FORMATS:
                 raise ImageError(f"{image.format} images are not decoded")
-            if image.format == "JPEG":
+            if isinstance(image, JpegImagePlugin.JpegImageFile):  # JPEG, and MPO (camera JPEGs)
                 # Scale s in {1, 2, 4, 8} with both sides >= image_size after ceil(side / s),
                 # i.e. s <= min(width, height) / image_size: the short side stays >= image_size.
                 image.draft("RGB", (image_size, image_size))

@@ -576,8 +576,8 @@ class Trainer:
 def check_bad_fraction(cfg: DataConfig, state: TrainState) -> None:
     """Stop (RuntimeError) once the bad fraction of the samples read passed ``data.max_bad_fraction``.
 
-    Samples read counts each bad sample once; a shard that ended early counts the samples its
-    index says were lost (or one without an index).
+    A shard that ended early counts as many read and bad samples as its index says it lost (one
+    without an index).
     """
     read = max(state.samples_seen, state.samples_skipped)
     if read < cfg.bad_data_min_samples or state.samples_skipped <= cfg.max_bad_fraction * read:

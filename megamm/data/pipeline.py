@@ -117,7 +117,8 @@ class Batch(TypedDict):
     bad_shards: dict[str, int]
     """Those bad samples by shard (file name, or the ``pipe:`` command's object)."""
     seen: int
-    """Raw samples read while producing this batch, good and bad."""
+    """Raw samples read while producing this batch, good and bad, plus those lost with shards that
+    ended early (as ``bad`` counts them)."""
     stream: int
     """The training stream that made this batch (-1 for evaluation batches)."""
     position: dict[str, Any]
@@ -164,6 +165,8 @@ class _BadLog:
         self.where = where
         self.reasons: Counter[str] = Counter()
         self.shards: Counter[str] = Counter()
+        self.lost = 0
+        """Samples of shards that ended early, since the last batch (counted as read and bad)."""
         self.total = 0
 
     def add(self, reason: str, url: str, detail: str, count: int = 1) -> None:
@@ -175,13 +178,16 @@ class _BadLog:
             logger.warning("%s: skipping bad data (%s): %s%s", self.where, reason, detail, suffix)
 
     def shard_error(self, error: ShardError, samples: int = 1) -> None:
+        """A shard that ended early; ``samples``: those it lost (its index's count, else 1)."""
         self.add(error.reason, error.args[0].split(": ", 1)[0], f"{error} (rest of the shard skipped)", samples)
+        self.lost += samples
 
-    def take(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(by reason, by shard) since the last call."""
-        taken = dict(self.reasons), dict(self.shards)
+    def take(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """(by reason, by shard, samples lost with shards) since the last call."""
+        taken = dict(self.reasons), dict(self.shards), self.lost
         self.reasons.clear()
         self.shards.clear()
+        self.lost = 0
         return taken
 
 
@@ -253,13 +259,13 @@ class _Collator:
 
 
 def _batch(collate: _Collator, rows: list[Row], log: _BadLog, seen: int, stream: int, position: dict[str, Any], epoch: int) -> Batch:
-    bad, bad_shards = log.take()
+    bad, bad_shards, lost = log.take()
     return {  # type: ignore[typeddict-item]
         **collate(rows),
         "skipped": sum(bad.values()),
         "bad": bad,
         "bad_shards": bad_shards,
-        "seen": seen,
+        "seen": seen + lost,
         "stream": stream,
         "position": position,
         "epoch": epoch,

@@ -503,3 +503,24 @@ def test_train_tokenizer_streams_captions_from_pipes_and_json(tmp_path: Path) ->
     for word in [*words, "okapi"]:
         assert 1 not in tokenizer.pieces(f"a {word}"), f"{word} is not covered"  # 1: the unknown piece
     assert tool.main(["--shards", str(root / "missing.tar"), "--out", str(out)]) == 2
+
+
+def test_resume_settings_streams_may_change_the_rest_may_not(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    from megamm.data import build_sources, data_stream_settings
+    from megamm.preflight import _check_data_stream
+
+    write_uneven(tmp_path / "d", sizes=(5, 5, 5, 5))
+    cfg = cfg_for(tmp_path / "d", tokenizer, num_workers=2)
+    saved = data_stream_settings(cfg, build_sources(cfg), dp_size=2)
+    assert saved["streams"] == 4
+    checkpoint = tmp_path / "global_step9"
+    assert _check_data_stream(checkpoint, saved, dict(saved), restart_data=False) is None
+    fewer = data_stream_settings(cfg, build_sources(cfg), dp_size=1)
+    assert _check_data_stream(checkpoint, saved, fewer, restart_data=False) == 4, "another data-parallel size: epoch restart"
+    reseeded = data_stream_settings(cfg_for(tmp_path / "d", tokenizer, num_workers=2, seed=5), build_sources(cfg), dp_size=2)
+    with pytest.raises(ConfigError, match=r"another training data stream \(data\.seed changed: seed 11 -> 5\).*--restart-data"):
+        _check_data_stream(checkpoint, saved, reseeded, restart_data=False)
+    older = {"shards": 4, "shard_names_sha256": "x", "loader_workers": 2, "seed": 11, "shuffle_buffer": 8}
+    with pytest.raises(ConfigError, match=r"the data position's format \(an older megamm saved it\)"):
+        _check_data_stream(checkpoint, older, saved, restart_data=False)
+    assert _check_data_stream(checkpoint, older, saved, restart_data=True) is None

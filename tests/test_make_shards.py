@@ -98,6 +98,23 @@ def make_folder(root: Path) -> Expected:
     put(root, "d/0006.jpg", b"not a jpeg")  # undecodable
     put(root, "d/0006.txt", "broken")
     put(root, "e/0007.txt", "caption without media")
+    put(root, "e/0008.wav", b"RIFF but not really")  # undecodable
+    put(root, "e/0008.txt", "a broken sound")
+    put(root, "f/0009.png", png(9))  # an image with its sound is a pair the loader trains on
+    put(root, "f/0009.wav", wav(9))
+    expected["f/0009"] = {"png": png(9), "wav": wav(9)}
+    put(root, "f/0010.png", png(10))  # an image and an empty caption is bad, sound or not
+    put(root, "f/0010.wav", wav(10))
+    put(root, "f/0010.txt", "")
+    long_stem = "long/" + "n" * 120  # a member name over 100 characters: a pax header
+    put(root, f"{long_stem}.png", png(11))
+    put(root, f"{long_stem}.txt", "a long name")
+    expected[long_stem] = {"png": png(11), "txt": b"a long name"}
+    put(root, "\u00fcber/bild.png", png(12))  # a non-ASCII name: a pax header
+    put(root, "\u00fcber/bild.txt", "non-ASCII path")
+    expected["\u00fcber/bild"] = {"png": png(12), "txt": b"non-ASCII path"}
+    put(root, "g/0013.png", png(13))
+    put(root, "g/0013.json", "[1, 2]")  # JSON, but not an object
     put(root, "notes.xyz", "ignored")
     put(root, "e/readme.md", "ignored")
     return expected
@@ -172,7 +189,7 @@ def test_folder_shards_match_the_inputs(tmp_path: Path, capsys: pytest.CaptureFi
     samples = read_with_webdataset(shard_paths(out))
     assert [s["__key__"] for s in samples] == sorted(expected)  # sorted by key, over shard order
     assert as_expected(samples) == expected
-    assert sizes(out) == {"shard-000000.tar": 3, "shard-000001.tar": 1}
+    assert sizes(out) == {"shard-000000.tar": 3, "shard-000001.tar": 3, "shard-000002.tar": 1}
     check_index(out)
     from megamm.data.shards import SIZES_FILE, known_sample_count  # the loader's reading of the index
 
@@ -181,17 +198,18 @@ def test_folder_shards_match_the_inputs(tmp_path: Path, capsys: pytest.CaptureFi
     printed = capsys.readouterr()
     assert "ignored: 2 files with other extensions: .md (1) .xyz (1)" in printed.out
     summary = printed.out.strip().splitlines()[-1]
-    assert summary.startswith(f"wrote 2 shards, 4 samples, {sum(p.stat().st_size for p in shard_paths(out))} bytes")
-    for reason in ("1 missing caption file", "1 empty caption", "1 undecodable image", "1 missing image/audio file"):
+    assert summary.startswith(f"wrote 3 shards, 7 samples, {sum(p.stat().st_size for p in shard_paths(out))} bytes")
+    for reason in ("1 missing caption file", "2 empty caption", "1 undecodable image", "1 undecodable audio",
+                   "1 missing image/audio file", "1 malformed json file"):
         assert reason in summary
-    assert "skipped 4 samples" in summary
+    assert "skipped 7 samples" in summary
     assert "d/0006.jpg" in printed.err  # the warning names the file
 
 
 def test_strict_fails_when_a_sample_was_skipped(tmp_path: Path) -> None:
     make_folder(tmp_path / "in")
     assert run("--from-folder", tmp_path / "in", "--out", tmp_path / "out", "--strict") == 1
-    assert sum(sizes(tmp_path / "out").values()) == 4  # the good samples are written all the same
+    assert sum(sizes(tmp_path / "out").values()) == 7  # the good samples are written all the same
     put(tmp_path, "good/x.png", png(1))
     put(tmp_path, "good/x.txt", "fine")
     assert run("--from-folder", tmp_path / "good", "--out", tmp_path / "out2", "--strict") == 0
@@ -318,6 +336,10 @@ def test_force_is_needed_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixt
     assert sizes(out) == {"shard-000000.tar": 5, "shard-000001.tar": 5, "shard-000002.tar": 2}
     assert [p.name for p in shard_paths(out)] == list(sizes(out))  # the 4 extra old shards are gone
     assert "removed 3 shards of an earlier run" in capsys.readouterr().out
+    put(out, "other-000000.tar", b"")  # a shard of another run, with another prefix
+    assert run("--from-folder", tmp_path / "in", "--out", out, "--max-samples", "5", "--force") == 0
+    assert (out / "other-000000.tar").exists()
+    assert "other-000000.tar, which sizes.json does not list" in capsys.readouterr().err
     only_index = tmp_path / "index-only"
     only_index.mkdir()
     (only_index / "sizes.json").write_text("{}")
@@ -495,7 +517,7 @@ def test_command_line_matches_in_process_run(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1].startswith("wrote 2 shards, 4 samples")
+    assert done.stdout.strip().splitlines()[-1].startswith("wrote 4 shards, 7 samples")
     assert "writing" in done.stderr  # the progress bars go to stderr
     assert snapshot(tmp_path / "cli") == snapshot(tmp_path / "inproc")
     assert as_expected(read_with_webdataset(shard_paths(tmp_path / "cli"))) == expected
@@ -512,9 +534,27 @@ def test_argument_errors(tmp_path: Path) -> None:
     assert run("--out", tmp_path / "out") == 2  # no input
     assert not (tmp_path / "out").exists()
     assert run("--from-folder", tmp_path / "empty-in", "--out", tmp_path / "out") == 2
+    assert run("--from-folder", tmp_path / "in", "--out", tmp_path / "in") == 2
+    inside = tmp_path / "in" / "shards"  # an output folder inside the input is not read as input
+    assert run("--from-folder", tmp_path / "in", "--out", inside) == 0
+    assert run("--from-folder", tmp_path / "in", "--out", inside, "--force") == 0
+    assert sizes(inside) == {"shard-000000.tar": 1}
     (tmp_path / "nothing").mkdir()
     assert run("--from-folder", tmp_path / "nothing", "--out", tmp_path / "out") == 1  # no samples
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a/b/0001.jpg", "x" * 100 + ".png", "y" * 101 + ".png", "caf\u00e9.txt"])
+@pytest.mark.parametrize("size", [0, 1, 512, 513])
+def test_member_size_estimate_is_exact(name: str, size: int) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        tar.addfile(info, io.BytesIO(b"x" * size))
+        written = tar.offset
+    member = make_shards.Member(name, size, data=b"x" * size)
+    assert make_shards._member_bytes(member) == written
 
 
 @pytest.mark.parametrize("text, value", [

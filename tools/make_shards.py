@@ -17,7 +17,8 @@ Inputs (exactly one):
 * ``--from-folder DIR``: files are grouped by stem, the path relative to DIR without its
   extension (``a/b/0001.jpg`` + ``a/b/0001.txt`` + ``a/b/0001.flac`` -> sample ``a/b/0001``).
   Recognised extensions (any case): images ``jpg jpeg png webp``, audio ``wav flac``, the caption
-  ``txt`` (the whole file is one caption) and ``json`` (carried as is; it must parse as JSON).
+  ``txt`` (the whole file is one caption) and ``json`` (carried as is; it must be a JSON
+  object, which the loader reads ``caption``/``captions``, ``question`` and ``answers`` from).
   Other files are ignored and counted.
 * ``--from-manifest FILE``: one sample per CSV row or JSONL line; columns/keys ``image`` and
   ``audio`` (file paths, relative ones against ``--root``, default the manifest's directory),
@@ -41,16 +42,18 @@ Sample layout in a shard (the loader reads exactly this)::
     <key>.txt      the caption, UTF-8, when the sample has exactly one caption and no question
     <key>.json     otherwise, UTF-8 JSON with only the fields the sample has:
                    {"captions": ["...", ...], "question": "...", "answers": ["...", ...]};
-                   from --from-folder, the sample's own .json file, byte for byte
+                   from --from-folder, the sample's own .json file, byte for byte (beside
+                   its .txt if it has one)
 
 Members of a sample are consecutive, in that order. Captions, questions and answers are stripped of
-surrounding whitespace; empty ones are dropped. Keys contain no dots (WebDataset splits a member's
+surrounding whitespace; empty ones are dropped (a sample whose captions are all empty is skipped).
+Images must open with PIL and audio with soundfile (only their headers are read). Keys contain no dots (WebDataset splits a member's
 extension at the first dot of its base name): every dot of a stem is replaced by ``_``
 (``img.v2.jpg`` -> key ``img_v2``), and two sources with the same key are refused, naming both.
 
 Shards hold at most ``--max-samples`` samples (default 1000; 0: no count limit) and, with
-``--max-bytes``, are at most that many bytes as files (headers and padding included; a sample
-larger than that goes alone in its shard). The same input and arguments give byte-identical shards
+``--max-bytes`` (``1G``, ``500M``, ``64K``: powers of 1024; or plain bytes), are at most that many
+bytes as files (headers and padding included; a sample larger than that goes alone in its shard). The same input and arguments give byte-identical shards
 for any ``--workers``: samples are sorted by key (or shuffled by ``--seed`` with ``--shuffle``),
 packed into shards in that order, and every member has mtime 0, uid/gid 0, empty user and group
 names and mode 0644. A tar has no padding past its two closing zero blocks.
@@ -102,6 +105,8 @@ _KINDS: dict[str, str] = {
     "json": "json",
 }
 _BLOCK = tarfile.BLOCKSIZE  # 512
+_USTAR_NAME = tarfile.LENGTH_NAME  # longer names (or non-ASCII ones) get a pax header
+_USTAR_SIZE = 8**11  # larger sizes get a pax header
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 _MAX_WARNINGS = 10
 _PREPARE_BATCH = 256
@@ -116,10 +121,10 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Samples as found in the input, as checked, as written
+# Samples as found in the input, as checked, as written (with slots: millions of them stay small)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Source:
     """One sample as found in the input, before any of its files is read."""
 
@@ -135,7 +140,7 @@ class Source:
     answers: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Skipped:
     """A sample left out, with the reason it is counted under and the details for a warning."""
 
@@ -147,7 +152,7 @@ class Skipped:
         return f"skipped {self.origin}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Member:
     """A file of a sample in the tar: copied from ``path``, or ``data`` itself."""
 
@@ -157,7 +162,7 @@ class Member:
     data: bytes | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prepared:
     """A checked sample: its members and the bytes they take in a tar."""
 
@@ -177,7 +182,7 @@ class Scan:
     """Lines for the report: files or entries not taken as samples (not counted as skipped)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ShardResult:
     """One written shard."""
 
@@ -238,8 +243,10 @@ def scan_folder(root: Path, exclude: Path | None = None) -> Scan:
     excluded = exclude.resolve() if exclude is not None else None
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if Path(directory, d).resolve() != excluded)
+        inside = os.path.relpath(directory, root)
+        prefix = "" if inside == "." else inside.replace(os.sep, "/") + "/"
         for name in sorted(files):
-            relative = Path(directory, name).relative_to(root).as_posix()
+            relative = prefix + name
             stem, ext = _split_extension(relative)
             kind = _KINDS.get(ext)
             if kind is None:
@@ -272,7 +279,7 @@ def scan_folder_sample(root: Path, stem: str, files: dict[str, str], scan: Scan)
     elif not {"caption", "json"} & set(files) and not {"image", "audio"} <= set(files):
         scan.skipped.append(Skipped("missing caption file", origin))
     else:
-        full = {kind: str(root / path) for kind, path in files.items()}
+        full = {kind: os.path.join(root, path) for kind, path in files.items()}
         scan.sources.append(Source(
             key=key, origin=origin, image=full.get("image"), audio=full.get("audio"),
             caption_file=full.get("caption"), json_file=full.get("json"),
@@ -354,11 +361,11 @@ def _manifest_key(row: dict[str, Any], root: Path) -> str:
         return make_key(str(key))
     path = _text(row.get("image"), "image") or _text(row.get("audio"), "audio") or ""
     stem, _ = _split_extension(path)
-    full = (root / stem).resolve()
-    try:
-        return make_key(full.relative_to(root.resolve()).as_posix())
-    except ValueError:
-        return make_key(Path(stem).name)
+    base = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(base, stem))
+    if full.startswith(base.rstrip(os.sep) + os.sep):
+        return make_key(Path(full).relative_to(base).as_posix())
+    return make_key(Path(stem).name)
 
 
 def manifest_source(row: dict[str, Any], origin: str, root: Path) -> Source:
@@ -453,8 +460,10 @@ def scan_coco(path: Path, images_dir: Path) -> Scan:
         else:
             scan.sources.append(Source(key=key, origin=origin, image=str(images_dir / name),
                                        captions=tuple(captions.get(entry.get("id"), ()))))
+    notes = [f"{unknown} annotations of unknown image ids" if unknown else "",
+             f"{malformed} malformed annotations" if malformed else ""]
     if unknown or malformed:
-        scan.ignored.append(f"{unknown} annotations of unknown image ids, {malformed} malformed annotations")
+        scan.ignored.append(", ".join(note for note in notes if note))
     return scan
 
 
@@ -479,7 +488,11 @@ def _padded(size: int) -> int:
 
 
 def _member_bytes(member: Member) -> int:
-    return len(_member_header(member.name, member.size)) + _padded(member.size)
+    """Bytes the member takes in a tar: its header (one block, unless the name needs a pax
+    header) and its data padded to whole blocks."""
+    plain = member.name.isascii() and len(member.name) <= _USTAR_NAME and member.size < _USTAR_SIZE
+    header = _BLOCK if plain else len(_member_header(member.name, member.size))
+    return header + _padded(member.size)
 
 
 def _file_size(path: str, kind: str) -> int:
@@ -546,9 +559,11 @@ def _texts(source: Source) -> tuple[list[str], str | None, list[str], bytes | No
     if source.json_file is not None:
         carried = _read_small(source.json_file, "json")
         try:
-            json.loads(carried.decode("utf-8"))
+            loaded = json.loads(carried.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise _BadSample("malformed json file", f"{source.json_file}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise _BadSample("malformed json file", f"{source.json_file}: not a JSON object")
     kept = [c.strip() for c in captions if c.strip()]
     question = source.question.strip() if source.question and source.question.strip() else None
     answers = [a.strip() for a in source.answers if a.strip()]
@@ -748,9 +763,8 @@ def check_output_dir(out: Path, force: bool) -> None:
         return
     found = sorted(p.name for p in out.iterdir() if p.name == SIZES_FILE or p.suffix == ".tar")
     if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise UsageError(
-            f"--out {out} already holds {shown}; choose an empty directory, or give --force to replace them"
+            f"--out {out} already holds {_some(found)}; choose an empty directory, or give --force to replace them"
         )
 
 
@@ -782,6 +796,8 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    """Other .tar files left in the output directory (with --force), which sizes.json does not list."""
 
     @property
     def samples(self) -> int:
@@ -796,12 +812,16 @@ class Report:
         reasons = collections.Counter(s.reason for s in self.skipped)
         ranked = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
         details = ", ".join(f"{count} {reason}" for reason, count in ranked)
-        return f"skipped {len(self.skipped)} samples" + (f" ({details})" if details else "")
+        return f"skipped {_count(len(self.skipped), 'sample')}" + (f" ({details})" if details else "")
 
     def summary(self) -> str:
         """One line: shards, samples, bytes, skipped samples by reason."""
-        return (f"wrote {len(self.shards)} shards, {self.samples} samples, {self.nbytes} bytes "
+        return (f"wrote {_count(len(self.shards), 'shard')}, {_count(self.samples, 'sample')}, {self.nbytes} bytes "
                 f"({human_size(self.nbytes)}) to {self.out}; {self.skipped_text()}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def human_size(nbytes: int) -> str:
@@ -817,6 +837,8 @@ def human_size(nbytes: int) -> str:
 def scan_input(args: argparse.Namespace) -> Scan:
     """The samples of whichever input the arguments name."""
     if args.from_folder is not None:
+        if Path(args.from_folder).resolve() == Path(args.out).resolve():
+            raise UsageError(f"--out {args.out} is the input folder; write the shards to another directory")
         return scan_folder(Path(args.from_folder), exclude=Path(args.out))
     if args.from_manifest is not None:
         return scan_manifest(Path(args.from_manifest), Path(args.root) if args.root else None)
@@ -861,7 +883,9 @@ def make_shards(args: argparse.Namespace) -> Report:
     if report.shards:
         write_sizes(out, report.shards)
         if args.force:
-            report.removed = remove_stale_shards(out, args.prefix, {s.name for s in report.shards})
+            written = {s.name for s in report.shards}
+            report.removed = remove_stale_shards(out, args.prefix, written)
+            report.unlisted = sorted(p.name for p in out.glob("*.tar") if p.name not in written)
         fsync_path(out)
     return report
 
@@ -937,6 +961,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status."""
     try:
@@ -953,8 +981,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in report.ignored:
         print(f"ignored: {line}")
     if report.removed:
-        print(f"removed {len(report.removed)} shards of an earlier run: {', '.join(report.removed[:3])}"
-              + (" ..." if len(report.removed) > 3 else ""))
+        print(f"removed {len(report.removed)} shards of an earlier run: {_some(report.removed)}")
+    if report.unlisted:
+        print(f"warning: {report.out} also holds {_some(report.unlisted)}, which {SIZES_FILE} does not list; "
+              "a loader given the whole directory reads them too", file=sys.stderr)
     if not report.shards:
         found = report.skipped_text() if report.skipped else "the input holds no samples"
         print(f"error: no usable samples, nothing written to {report.out}; {found}", file=sys.stderr)

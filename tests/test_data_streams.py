@@ -524,3 +524,11 @@ def test_resume_settings_streams_may_change_the_rest_may_not(tmp_path: Path, tok
     with pytest.raises(ConfigError, match=r"the data position's format \(an older megamm saved it\)"):
         _check_data_stream(checkpoint, older, saved, restart_data=False)
     assert _check_data_stream(checkpoint, older, saved, restart_data=True) is None
+
+
+def test_a_stream_without_usable_samples_fails_instead_of_hanging(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    root = tmp_path / "bad"
+    root.mkdir()
+    write_tar(root / "shard-000000.tar", [{"__key__": f"b{i}", "jpg": jpeg(i)} for i in range(5)])  # no captions
+    with pytest.raises(RuntimeError, match=r"data stream 0 \(dp rank 0\): its shards hold no usable samples .*caption_missing"):
+        take(build_train_loader(cfg_for(root, tokenizer), tokenizer, 0, 1, 2), 1)

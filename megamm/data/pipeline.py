@@ -390,12 +390,24 @@ class _TrainStreams(IterableDataset):
         )  # fmt: skip
         rows: list[Row] = []
         seen = 0
+        # The epoch of the last usable sample: a stream that reads a whole epoch without one would
+        # never make a batch, and its peers would wait for it. A resumed stream starts inside an
+        # epoch whose earlier part it did not read, so that epoch counts as good.
+        last_good: int | None = None
         for item in items:
             seen += 1
-            decoded = self.decoder(item.sample, item.sample["__epoch__"])
+            epoch = item.sample["__epoch__"]
+            last_good = epoch if last_good is None else last_good
+            decoded = self.decoder(item.sample, epoch)
             if isinstance(decoded, Bad):
                 log.add(decoded.reason, item.sample["__url__"], f"{shard_name(item.sample['__url__'])}: {item.sample['__key__']!r}: {decoded.detail}")
+                if epoch - last_good > 1:
+                    raise RuntimeError(
+                        f"{log.where}: its shards hold no usable samples (a whole epoch read; bad: "
+                        f"{dict(log.reasons)}); check data.train_shards / data.sources with tools/inspect_shards.py"
+                    )
                 continue
+            last_good = epoch
             rows.append(decoded)
             if len(rows) == self.micro_batch_size:
                 yield _batch(collate, rows, log, seen, stream, item.state, int(item.sample["__epoch__"]))

@@ -81,6 +81,7 @@ import multiprocessing
 import os
 import re
 import sys
+import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from megamm.config import ConfigError, DataConfig, load_config
-from megamm.data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, audio_info
+from megamm.data.audio import AUDIO_EXTENSIONS, audio_info
 from megamm.data.images import IMAGE_EXTENSIONS
 from megamm.data.pipeline import make_decoder
 from megamm.data.samples import EXTRAS, PAIRS, Bad, SampleDecoder, default_pairs, read_text
@@ -102,6 +103,8 @@ DEFAULT_RECIPE = "tiny"
 """The recipe whose data and model settings decide how samples decode unless ``--config`` is given."""
 FIELD_NAME = "inspect_shards SPEC"
 """How a specification is named in error messages."""
+MAX_SHARD_LINES = 50
+"""Shards with problems listed one a line in the human report (the JSON lists every one)."""
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 """An object's address in an error message (libsndfile's ``<bytes at 0x7f...>``): dropped, so
 that the report does not depend on the process that decoded the sample."""
@@ -188,14 +191,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     extras_sorted = tuple(extra for extra in EXTRAS if extra in extras)
     pairs_sorted = tuple(pair for pair in PAIRS if pair in pairs)
     try:
-        make_decoder(data, extras_sorted, pairs_sorted)  # refuses what training would refuse
+        decoder = make_decoder(data, extras_sorted, pairs_sorted)  # the loaders' decoder, refusing what they refuse
     except ValueError as err:
         raise UsageError(f"the decoder refuses these settings: {err}") from None
     return Settings(
-        image_size=data.image_size,
-        sample_rate=SAMPLE_RATE,
-        max_audio_samples=int(round(data.max_audio_seconds * SAMPLE_RATE)),
-        seed=data.seed,
+        image_size=decoder.image_size,
+        sample_rate=decoder.sample_rate,
+        max_audio_samples=decoder.max_audio_samples,
+        seed=decoder.seed,
         extras=extras_sorted,
         pairs=pairs_sorted,
         previews=args.samples,
@@ -334,11 +337,26 @@ def inspect_shard(url: str, expected: int | None, settings: Settings, decoder: S
         report.bytes_read = reader.bytes_read
     if reader.error is not None:
         reason = reader.error.reason
-        report.error = (reason, str(reader.error))
+        detail = str(reader.error)
+        detail = detail[len(url) + 2:] if detail.startswith(f"{url}: ") else detail
+        if reason == "tar_corrupt" and report.samples == 0 and _is_empty_tar(url):
+            detail += " (the tar holds no members at all; the loader counts an empty tar as corrupt)"
+        report.error = (reason, detail)
         report.lost = max((expected or 0) - report.samples, 1)
         report.bad[reason] += report.lost
-        report.examples.setdefault(reason, (None, str(reader.error)))
+        report.examples.setdefault(reason, (None, detail))
     return report
+
+
+def _is_empty_tar(url: str) -> bool:
+    """True for a local, well-formed tar file without a single member."""
+    if is_pipe(url):
+        return False
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            return tar.next() is None
+    except (OSError, tarfile.TarError, EOFError):
+        return False
 
 
 _WORKER: dict[str, Any] = {}
@@ -513,14 +531,16 @@ class Summary:
         yield (f"{len(self.reports)} shards ({len(problems)} with problems), {self.samples} samples read, "
                f"{self.good} good, {self.bad_total} bad, {human_size(self.bytes_read)} read")
         if problems:
-            width = max(len(r.name) for r in problems)
+            width = max(len(r.name) for r in problems[:MAX_SHARD_LINES])
             yield "shards with problems:"
-            for r in problems:
+            for r in problems[:MAX_SHARD_LINES]:
                 note = f"  {r.error[0]}" if r.error else ""
                 if r.index_mismatch:
                     note += f"  index says {r.expected}"
                 yield f"  {r.name:<{width}}  samples {r.samples:>7}  good {r.good:>7}  bad {r.bad_total:>7}  " \
                       f"{human_size(r.bytes_read):>9}{note}"
+            if len(problems) > MAX_SHARD_LINES:
+                yield f"  ... and {len(problems) - MAX_SHARD_LINES} more (--json lists them all)"
             yield f"  {'total':<{width}}  samples {self.samples:>7}  good {self.good:>7}  bad {self.bad_total:>7}  " \
                   f"{human_size(self.bytes_read):>9}"
         if self.bad:
@@ -644,9 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("specs", nargs="*", metavar="SPEC",
                         help="shards: brace pattern, glob, directory, file, pipe:COMMAND, or a comma list of these")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    parser.add_argument("--config", nargs="+", metavar="RECIPE_OR_YAML [KEY=VALUE ...]",
+    parser.add_argument("--config", nargs="+", metavar=("RECIPE_OR_YAML", "KEY=VALUE"),
                         help=f"decode as this recipe (or YAML file) with these overrides (default: {DEFAULT_RECIPE})")
-    parser.add_argument("--image-size", type=_positive_int, metavar="N", help="images decode to N x N (default: the recipe's)")
+    parser.add_argument("--image-size", type=_positive_int, metavar="N",
+                        help="images decode to N x N (default: the recipe's)")
     parser.add_argument("--max-audio-seconds", type=_positive_float, metavar="S",
                         help="audio is cut to S seconds, a multiple of 0.1 (default: the recipe's)")
     parser.add_argument("--audio", action=argparse.BooleanOptionalAction, default=None,
@@ -656,8 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", metavar="PAIR,...",
                         help=f"modality pairs that make a sample usable, of {','.join(PAIRS)} (default: the recipe's)")
     parser.add_argument("--index", metavar="SIZES_JSON",
-                        help=f"the index to compare counts with, for every shard (default: the {SIZES_FILE} beside each local shard)")
-    parser.add_argument("--samples", type=_non_negative_int, default=3, metavar="K", help="decoded samples to show (default 3)")
+                        help=f"the index to compare counts with, for every shard "
+                             f"(default: the {SIZES_FILE} beside each local shard)")
+    parser.add_argument("--samples", type=_non_negative_int, default=3, metavar="K",
+                        help="decoded samples to show (default 3)")
     parser.add_argument("--workers", type=_positive_int, default=1, metavar="W", help="parallel processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -693,7 +716,7 @@ def inspect(specs: Sequence[str], settings: Settings, workers: int = 1, index: s
             reports.append(report)
             bar.update(1)
             if report.error is not None:
-                logger.warning("%s", report.error[1])
+                logger.warning("%s: %s (%s)", report.url, report.error[1], report.error[0])
     return Summary(settings, reports, missing)
 
 

@@ -391,13 +391,15 @@ class _TrainStreams(IterableDataset):
         rows: list[Row] = []
         seen = 0
         # The epoch of the last usable sample: a stream that reads a whole epoch without one would
-        # never make a batch, and its peers would wait for it. A resumed stream starts inside an
-        # epoch whose earlier part it did not read, so that epoch counts as good.
+        # never make a batch, and its peers would wait for it. A fresh stream starts before its first
+        # epoch; a resumed one inside an epoch whose earlier part it did not read, which counts as good.
+        fresh = state["block"] == 0 and state["offset"] == 0
         last_good: int | None = None
         for item in items:
             seen += 1
             epoch = item.sample["__epoch__"]
-            last_good = epoch if last_good is None else last_good
+            if last_good is None:
+                last_good = epoch - 1 if fresh else epoch
             decoded = self.decoder(item.sample, epoch)
             if isinstance(decoded, Bad):
                 log.add(decoded.reason, item.sample["__url__"], f"{shard_name(item.sample['__url__'])}: {item.sample['__key__']!r}: {decoded.detail}")

@@ -421,6 +421,8 @@ class ShardReader:
             info, tar.firstmember = tar.firstmember, None
             return info
         if tar.offset != tar.fileobj.tell():  # past the previous member's data, by seeking (or reading a pipe)
+            if tar.offset == 0:
+                return None  # the archive's first block was its end marker: no members
             tar.fileobj.seek(tar.offset - 1)
             if not tar.fileobj.read(1):
                 raise tarfile.ReadError("unexpected end of data")

@@ -568,12 +568,21 @@ class ParallelConfig:
 SAMPLING_MODES = ("epochs", "resample")
 
 
+def _require_specification(value: Any, name: str) -> None:
+    """A shard specification: a non-empty string, or a non-empty list of them."""
+    items = value if isinstance(value, list) else [value]
+    _require(
+        bool(items) and all(isinstance(item, str) and item.strip() for item in items),
+        f"{name}={value!r} must be a shard specification (path, pattern or pipe: command) or a list of them",
+    )
+
+
 @dataclass
 class SourceConfig:
     """One dataset of a training mixture (``data.sources``)."""
 
-    shards: str = ""
-    """Its shards: as ``data.train_shards`` (paths, patterns, ``pipe:`` commands)."""
+    shards: str | list[str] = ""
+    """Its shards: as ``data.train_shards`` (paths, patterns, ``pipe:`` commands, or a list)."""
     weight: float = 1.0
     """Relative share of the training samples drawn from it."""
     index: str = ""
@@ -583,7 +592,7 @@ class SourceConfig:
     """Shown in logs ("" : source<i>)."""
 
     def validate(self, prefix: str) -> None:
-        _require(bool(self.shards.strip()), f"{prefix}.shards is empty; give the source's shards")
+        _require_specification(self.shards, f"{prefix}.shards")
         _require(self.weight > 0, f"{prefix}.weight must be positive, got {self.weight}")
 
 
@@ -591,9 +600,9 @@ class SourceConfig:
 class DataConfig:
     """Where samples come from and how they are read. Knows nothing about the model."""
 
-    train_shards: str = "demo_data/train/shard-{000000..000007}.tar"
-    """Brace pattern, glob, directory, ``pipe:`` command, or a comma-separated list of these
-    (read when ``data.sources`` is empty)."""
+    train_shards: str | list[str] = "demo_data/train/shard-{000000..000007}.tar"
+    """Brace pattern, glob, directory, ``pipe:`` command, or a list (YAML, or comma-separated) of
+    these (read when ``data.sources`` is empty)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several datasets mixed in one stream by weight; replaces ``train_shards`` when given."""
     sampling: str = "epochs"
@@ -609,7 +618,7 @@ class DataConfig:
     check_keys_every: int = 0
     """Every this many steps, check that the tensor- and pipeline-parallel peers of each
     data-parallel rank read the same samples (a digest of the keys; 0: never)."""
-    eval_shards: str = "demo_data/eval/shard-{000000..000000}.tar"
+    eval_shards: str | list[str] = "demo_data/eval/shard-{000000..000000}.tar"
     tokenizer: str = "demo_data/tokenizer.model"
     """Path of a SentencePiece model (train one with tools/train_tokenizer.py)."""
     image_size: int = 32
@@ -628,8 +637,9 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self, prefix: str = "data") -> None:
-        for name in ("eval_shards", "tokenizer") if self.sources else ("train_shards", "eval_shards", "tokenizer"):
-            _require(bool(getattr(self, name).strip()), f"{prefix}.{name} is empty; give a path")
+        for name in ("eval_shards",) if self.sources else ("train_shards", "eval_shards"):
+            _require_specification(getattr(self, name), f"{prefix}.{name}")
+        _require(bool(self.tokenizer.strip()), f"{prefix}.tokenizer is empty; give a path")
         for index, source in enumerate(self.sources):
             source.validate(f"{prefix}.sources[{index}]")
         _require(

@@ -367,7 +367,7 @@ def test_broken_shards_are_counted_and_reading_goes_on(tmp_path: Path, tokenizer
     data = (root / "shard-000001.tar").read_bytes()
     (root / "shard-000001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
     (root / "shard-000002.tar").write_bytes(b"this is not a tar file at all" * 40)
-    spec = f"{root},pipe:cat {tmp_path / 'missing.tar'},pipe:exit 3"
+    spec = [str(root), f"pipe:cat {tmp_path / 'missing.tar'}", "pipe:exit 3"]  # a YAML list of specifications
     cfg = cfg_for(root, tokenizer, train_shards=spec, open_shards=2)
     batches = take(build_train_loader(cfg, tokenizer, 0, 1, 3), 6)
     bad: Counter[str] = Counter()

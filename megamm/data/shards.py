@@ -111,11 +111,13 @@ def spec_parts(spec: str | Sequence[str]) -> list[str]:
     entries = [spec] if isinstance(spec, str) else list(spec)
     parts: list[str] = []
     for entry in entries:
-        entry = str(entry).strip()
-        if is_pipe(entry):
-            parts.append(entry)
-        else:
-            parts.extend(part.strip() for part in _split_top_level(entry) if part.strip())
+        pieces = _split_top_level(str(entry).strip())
+        for index, piece in enumerate(pieces):
+            if is_pipe(piece.strip()):  # a command may hold commas: it runs to the end of the entry
+                parts.append(",".join(pieces[index:]).strip())
+                break
+            if piece.strip():
+                parts.append(piece.strip())
     return parts
 
 

@@ -433,6 +433,10 @@ def _kaiser_sinc(t: np.ndarray, cutoff: float, reach: float) -> np.ndarray:
 
 MAX_RATIO_TERM = 1000
 """The largest term of a resampling ratio (see :func:`resampling_ratio`)."""
+_SINGLE_THREAD_GEMM = 1 << 18
+"""Products are cut into pieces of at most this many multiply-adds (m * n * k), under which
+OpenBLAS stays on one thread: a threaded product this small is tens of times slower when the
+loader's worker processes already use every core."""
 
 
 def resampling_ratio(src_rate: int, dst_rate: int) -> tuple[int, int]:
@@ -541,7 +545,9 @@ def resample(
         windows = np.lib.stride_tricks.as_strided(
             padded[pad + lo :], shape=(rows, filt.shape[0]), strides=(plan.row_in * step, step), writeable=False
         )  # (rows, span): overlapping views of the input
-        out[:, c0:c1] = np.ascontiguousarray(windows) @ filt
+        chunk = max(1, _SINGLE_THREAD_GEMM // filt.size)
+        for r0 in range(0, rows, chunk):
+            out[r0 : r0 + chunk, c0:c1] = np.ascontiguousarray(windows[r0 : r0 + chunk]) @ filt
     return out.reshape(-1)[:n_out]
 
 

@@ -68,8 +68,8 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     """Encoded image bytes -> (image_size, image_size, 3) uint8 RGB.
 
     Oriented by EXIF, centre-cropped to a square, converted to RGB (alpha over white) and resized
-    with bicubic resampling if needed (see the module docstring); JPEGs are decoded in draft mode
-    at the smallest DCT scale whose short side is still >= ``image_size``.
+    with bicubic resampling if needed (see the module docstring); JPEGs are decoded in draft mode,
+    scaled in the DCT by 1/2, 1/4 or 1/8: the most that keeps the short side >= ``image_size``.
 
     Raises:
         ImageError: empty, not an image, undecodable, truncated, of zero size, larger than

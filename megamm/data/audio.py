@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import struct
 import wave
 from dataclasses import dataclass
@@ -391,7 +392,9 @@ class _LibsndfileClip(_Clip):
 
 
 def _reason(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}".replace("<_io.BytesIO object at ", "<bytes at ")
+    """``Type: message`` without the in-memory file's address (the same error reads the same)."""
+    message = re.sub(r"(Error opening )?<_io\.BytesIO object at 0x[0-9a-f]+>:? ?", "", str(err))
+    return f"{type(err).__name__}: {message}"
 
 
 # ----------------------------------------------------------------------------------------------

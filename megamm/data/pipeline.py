@@ -36,18 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megamm.config import ConfigError, DataConfig
 from megamm.data.audio import SAMPLE_RATE
-from megamm.data.images import IMAGE_EXTENSIONS, decode_image, images_to_tensor, square_rgb
-from megamm.data.samples import (
-    BAD_REASONS,
-    EXTRAS,
-    NO_ANSWER,
-    PAIRS,
-    Bad,
-    Row,
-    SampleDecoder,
-    answer_index,
-    default_pairs,
-)
+from megamm.data.images import images_to_tensor
+from megamm.data.samples import EXTRAS, NO_ANSWER, Bad, Row, SampleDecoder, answer_index
 from megamm.data.shards import ShardError, expand_shards, iter_shard_samples, shard_name, shard_sizes
 from megamm.data.streams import Source, initial_state, stream_samples
 from megamm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
@@ -55,10 +45,9 @@ from megamm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AUDIO_PAD_MULTIPLE", "BAD_REASONS", "EXTRAS", "IMAGE_EXTENSIONS", "MAX_AUDIO_SAMPLES", "NO_ANSWER", "PAIRS",
-    "ROW_FIELDS", "Batch", "DataPosition", "build_sources", "build_train_loader", "check_shard_count",
-    "data_stream_settings", "decode_image", "images_to_tensor", "iter_eval_batches", "placeholder_batch",
-    "square_rgb",
+    "AUDIO_PAD_MULTIPLE", "MAX_AUDIO_SAMPLES", "ROW_FIELDS", "Batch", "DataPosition", "bad_summary", "build_sources",
+    "build_train_loader", "check_shard_count", "data_stream_settings", "iter_eval_batches", "keys_digest",
+    "next_epochs", "placeholder_batch", "stream_count",
 ]  # fmt: skip
 
 _MAX_WARNINGS = 5
@@ -463,7 +452,7 @@ def build_train_loader(
         start: where this rank's data stands (a resumed run's saved position; None: the start).
             It may come from a run with another ``micro_batch_size``: positions count samples.
         extras: which of :data:`EXTRAS` to read (others are neither checked nor decoded).
-        pairs: which modality pairs make a sample usable (:data:`PAIRS`; None: image+text, and
+        pairs: which modality pairs make a sample usable (``megamm.data.PAIRS``; None: image+text, and
             the audio pairs when audio is read). A resumed run must ask for the same extras and
             pairs: they decide which samples are bad.
 

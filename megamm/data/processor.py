@@ -4,7 +4,7 @@ as the training loader makes them (:mod:`megamm.data.pipeline`).
 - text and questions: ``Tokenizer.encode`` to ``max_length`` ids, ``[BOS] + pieces + [EOS]`` then
   padding, with the mask of real tokens;
 - images: RGB, centre-cropped to a square, resized (bicubic) to ``image_size``, mapped to
-  [-1, 1] (:func:`~megamm.data.pipeline.decode_image`, :func:`~megamm.data.pipeline.images_to_tensor`);
+  [-1, 1] (:func:`~megamm.data.images.decode_image`, :func:`~megamm.data.images.images_to_tensor`);
 - audio: 16 kHz mono, int16 PCM (divided by 32768) or float in [-1, 1], cut to
   ``max_audio_samples``, zero-padded to the longest clip rounded up to a multiple of
   :data:`~megamm.data.pipeline.AUDIO_PAD_MULTIPLE`, with each clip's length.
@@ -26,7 +26,8 @@ from PIL import Image
 
 from megamm.config import ConfigError, ModelConfig
 from megamm.data.audio import SAMPLE_RATE, pcm_to_float
-from megamm.data.pipeline import MAX_AUDIO_SAMPLES, images_to_tensor, padded_audio_length, square_rgb
+from megamm.data.images import images_to_tensor, square_rgb
+from megamm.data.pipeline import MAX_AUDIO_SAMPLES, padded_audio_length
 from megamm.data.tokenizer import Tokenizer
 from megamm.fileio import atomic_output
 

@@ -8,7 +8,6 @@ tarfile, sample counts by construction, shards written by GNU tar.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import subprocess
@@ -37,6 +36,8 @@ from megamm.data import (
     train_tokenizer,
 )
 from megamm.data.pipeline import _TrainStreams, build_sources, make_decoder
+from tests.test_data import batch_keys as keys_of
+from tests.test_data import position_after, take
 from megamm.data.streams import epoch_pieces, initial_state
 
 IMAGE_SIZE = 8
@@ -100,19 +101,6 @@ def cfg_for(root: Path, tokenizer: Tokenizer, **overrides: Any) -> DataConfig:
     return DataConfig(**settings)
 
 
-def take(loader: Any, count: int) -> list[dict[str, Any]]:
-    return list(itertools.islice(iter(loader), count))
-
-
-def keys_of(batches: list[dict[str, Any]]) -> list[str]:
-    return [key for batch in batches for key in batch["keys"]]
-
-
-def position_after(batches: list[dict[str, Any]]) -> DataPosition:
-    position = DataPosition()
-    for batch in batches:
-        position.advance(batch)
-    return position
 
 
 # ----------------------------------------------------------------------------------------------

@@ -268,9 +268,7 @@ def test_empty_tar_has_no_usable_sample(tmp_path: Path, capsys: pytest.CaptureFi
     shard = write_tar(tmp_path / "empty.tar", [])
     code, out, summary = run_main([str(shard), "--json"], capsys)
     assert code == 1 and summary is not None and summary["good"] == 0 and summary["samples"] == 0
-    assert "no usable sample" in out
-    if summary["bad"]:  # the loader's reader counts a tar without members as corrupt
-        assert summary["bad"] == {"tar_corrupt": 1} and "holds no members" in out
+    assert summary["bad"] == {} and "PROBLEM: the shards hold no samples" in out
 
 
 def bad_specs(shards: dict[str, Any]) -> list[str]:

@@ -81,11 +81,10 @@ import multiprocessing
 import os
 import re
 import sys
-import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from PIL import Image
 from tqdm import tqdm
@@ -339,24 +338,11 @@ def inspect_shard(url: str, expected: int | None, settings: Settings, decoder: S
         reason = reader.error.reason
         detail = str(reader.error)
         detail = detail[len(url) + 2:] if detail.startswith(f"{url}: ") else detail
-        if reason == "tar_corrupt" and report.samples == 0 and _is_empty_tar(url):
-            detail += " (the tar holds no members at all; the loader counts an empty tar as corrupt)"
         report.error = (reason, detail)
         report.lost = max((expected or 0) - report.samples, 1)
         report.bad[reason] += report.lost
         report.examples.setdefault(reason, (None, detail))
     return report
-
-
-def _is_empty_tar(url: str) -> bool:
-    """True for a local, well-formed tar file without a single member."""
-    if is_pipe(url):
-        return False
-    try:
-        with tarfile.open(url, mode="r:") as tar:
-            return tar.next() is None
-    except (OSError, tarfile.TarError, EOFError):
-        return False
 
 
 _WORKER: dict[str, Any] = {}

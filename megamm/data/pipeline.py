@@ -39,7 +39,7 @@ from megamm.data.audio import SAMPLE_RATE
 from megamm.data.images import images_to_tensor
 from megamm.data.samples import EXTRAS, NO_ANSWER, Bad, Row, SampleDecoder, answer_index
 from megamm.data.shards import ShardError, expand_shards, iter_shard_samples, shard_name, shard_sizes
-from megamm.data.streams import Source, initial_state, stream_samples
+from megamm.data.streams import Source, StreamPlan, initial_state, stream_samples
 from megamm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -373,10 +373,8 @@ class _TrainStreams(IterableDataset):
         cfg = self.cfg
         log = _BadLog(f"data stream {stream} (dp rank {self.dp_rank})")
         collate = _Collator(self.tokenizer, cfg)
-        items = stream_samples(
-            self.sources, stream, self.dp_size * self.num_workers, cfg.seed, cfg.sampling, cfg.shuffle_buffer,
-            cfg.open_shards, state, log.shard_error, bytes_read,
-        )  # fmt: skip
+        plan = StreamPlan(stream, self.dp_size * self.num_workers, cfg.seed, cfg.sampling, cfg.open_shards, cfg.shuffle_buffer)
+        items = stream_samples(self.sources, plan, state, log.shard_error, bytes_read)
         rows: list[Row] = []
         seen = 0
         # The epoch of the last usable sample: a stream that reads a whole epoch without one would

@@ -464,6 +464,14 @@ class ShardReader:
             if split is not None:
                 return info, split[0], split[1]
 
+    def _next_of(self, key: str) -> tuple[tarfile.TarInfo, str, str] | None:
+        """The next member if it belongs to sample ``key``; else None (the member is kept for later)."""
+        member = self._next_member()
+        if member is not None and member[1] != key:
+            self._pending = member
+            return None
+        return member
+
     def skip(self, count: int) -> int:
         """Pass over ``count`` samples reading only tar headers; returns how many were there."""
         skipped = 0
@@ -471,14 +479,8 @@ class ShardReader:
             first = self._next_member()
             if first is None:
                 break
-            key = first[1]
-            while True:
-                member = self._next_member()
-                if member is None:
-                    break
-                if member[1] != key:
-                    self._pending = member
-                    break
+            while self._next_of(first[1]) is not None:
+                pass
             skipped += 1
         self.samples += skipped
         return skipped
@@ -502,11 +504,8 @@ class ShardReader:
             if extension in sample:
                 duplicate = extension
             sample[extension] = data
-            member = self._next_member()
+            member = self._next_of(key)
             if member is None:
-                break
-            if member[1] != key:
-                self._pending = member
                 break
             info, _, extension = member
         self.samples += 1

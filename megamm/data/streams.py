@@ -62,6 +62,23 @@ class Source:
 
 
 @dataclass(frozen=True)
+class StreamPlan:
+    """How one stream reads its sources."""
+
+    stream: int
+    """This stream's number, in [0, streams)."""
+    streams: int
+    """Streams that share the data: data-parallel ranks x loader workers."""
+    seed: int
+    mode: str = "epochs"
+    """One of :data:`SAMPLING_MODES`."""
+    open_shards: int = 4
+    """Pieces read at once per source."""
+    block_size: int = 1
+    """Raw samples shuffled together."""
+
+
+@dataclass(frozen=True)
 class Piece:
     """The samples ``[start, stop)`` of one shard (``stop`` None: to the shard's end)."""
 
@@ -128,19 +145,9 @@ class _SourceCursor:
     """One source as one stream reads it: its epochs' pieces, interleaved ``open_limit`` at a time."""
 
     def __init__(
-        self,
-        source: Source,
-        index: int,
-        stream: int,
-        streams: int,
-        seed: int,
-        mode: str,
-        open_limit: int,
-        state: dict[str, Any],
-        on_error: Callable[[ShardError, int], None],
+        self, source: Source, index: int, plan: StreamPlan, state: dict[str, Any], on_error: Callable[[ShardError, int], None]
     ) -> None:
-        self.source, self.index, self.stream, self.streams = source, index, stream, streams
-        self.seed, self.mode, self.open_limit = seed, mode, open_limit
+        self.source, self.index, self.plan = source, index, plan
         self.on_error = on_error
         self.epoch = int(state["epoch"])
         self.next_piece = int(state["next"])
@@ -153,7 +160,8 @@ class _SourceCursor:
         self.read_this_epoch = 0 if not self.open and self.next_piece == 0 else None
 
     def _plan(self) -> list[Piece]:
-        return epoch_pieces(self.source, self.index, self.epoch, self.stream, self.streams, self.seed, self.mode)
+        plan = self.plan
+        return epoch_pieces(self.source, self.index, self.epoch, plan.stream, plan.streams, plan.seed, plan.mode)
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "next": self.next_piece, "open": copy.deepcopy(self.open)}
@@ -164,7 +172,7 @@ class _SourceCursor:
 
     def _fill(self) -> None:
         """Open pieces up to the limit, moving to the next epoch when this one is done."""
-        while len(self.open) < self.open_limit:
+        while len(self.open) < self.plan.open_shards:
             if self.next_piece < len(self.pieces):
                 self.open.append([self.next_piece, 0])
                 self.next_piece += 1
@@ -175,7 +183,7 @@ class _SourceCursor:
                     urls = sorted({self.source.urls[p.shard] for p in self.pieces})
                     raise RuntimeError(
                         f"data source {self.source.name or self.index}: a whole epoch ({len(urls)} shards, e.g. "
-                        f"{urls[:3]}) gave no sample to stream {self.stream}; check the shards (tools/inspect_shards.py)"
+                        f"{urls[:3]}) gave no sample to stream {self.plan.stream}; check the shards (tools/inspect_shards.py)"
                     )
                 self.epoch += 1
                 self.next_piece = 0
@@ -242,36 +250,31 @@ class StreamItem:
 
 def stream_samples(
     sources: Sequence[Source],
-    stream: int,
-    streams: int,
-    seed: int,
-    mode: str,
-    block_size: int,
-    open_limit: int,
+    plan: StreamPlan,
     state: dict[str, Any],
     on_error: Callable[[ShardError, int], None],
     bytes_read: list[int] | None = None,
 ) -> Iterator[StreamItem]:
-    """Stream ``stream``'s raw samples forever, from ``state`` on (see the module docstring).
+    """The raw samples of stream ``plan.stream``, forever, from ``state`` on (see the module docstring).
 
     ``on_error(error, samples)`` hears of each shard that ended early, with an estimate of the
     samples lost (its piece's unread count from the index, else 1). ``bytes_read``, if given, is
     a one-item list kept up to date with the bytes read from shards so far (for tests and
     benchmarks of resuming).
     """
-    if mode not in SAMPLING_MODES:
-        raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLING_MODES}")
-    block_size = max(block_size, 1)
+    if plan.mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode {plan.mode!r} is not one of {SAMPLING_MODES}")
+    block_size = max(plan.block_size, 1)
     weights = [source.weight for source in sources]
     cursors = [
-        _SourceCursor(source, index, stream, streams, seed, mode, open_limit, source_state, on_error)
+        _SourceCursor(source, index, plan, source_state, on_error)
         for index, (source, source_state) in enumerate(zip(sources, state["sources"]))
     ]
     block, offset = int(state["block"]), int(state["offset"])
     try:
         while True:
             start = [cursor.state() for cursor in cursors]
-            rng = _rng(seed, _BLOCK, stream, block, start[0]["epoch"])
+            rng = _rng(plan.seed, _BLOCK, plan.stream, block, start[0]["epoch"])
             raws = []
             for _ in range(block_size):
                 which = 0 if len(cursors) == 1 else rng.choices(range(len(cursors)), weights)[0]

@@ -15,10 +15,12 @@ shards of 50 small samples (64x64 JPEGs). Parts (``--part``, all by default):
   each jpg decoded by ``megamm.data.images.decode_image`` (the same JPEG draft mode, centre crop
   and bicubic resize), the caption tokenised with the same SentencePiece model, collated to the
   same tensors (``images_to_tensor``, padded ids and mask). The two alternate in the same
-  process (ours, baseline, ours, baseline, ... ``--repeats`` times, ``--batches`` batches each,
-  after ``--warmup`` batches of each); reported as median [min, max], with the ratio
-  ours/baseline of each repeat. Target: ours >= 0.9x the baseline. Below it (``--profile auto``)
-  both are profiled with cProfile and the report says where the time goes.
+  process batch by batch (ours, baseline, baseline, ours, ..., after ``--warmup`` batches of
+  each), so that both see the same load on a shared machine; each of ``--repeats`` repeats sums
+  the time of ``--batches`` batches of each, in wall-clock and in the process's CPU time (one
+  torch thread, ``--threads``, as in a DataLoader worker); reported as median [min, max], with
+  the ratio ours/baseline of each repeat. Target: ours >= 0.9x the baseline. Then both are
+  profiled with cProfile (``--profile``) and the report says where the time goes.
 - ``scaling``: ours through the real DataLoader with ``--workers`` worker processes; samples/s
   in total and per worker (worker start-up excluded).
 - ``resume``: on the 100-shard set, an uninterrupted stream (``_TrainStreams.batches``) keeps the
@@ -408,7 +410,7 @@ def run_resume(data: DataSet, args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Profile (why ours is slower, when it is)
 
-_KEY_FUNCTIONS = (
+_KEY_FUNCTIONS = (  # (label, file, function, cumulative: else the function's own lines only)
     ("decode_image (open, draft, JPEG decode, crop, resize)", "images.py", "decode_image"),
     ("JPEG decode (ImageFile.load)", "ImageFile.py", "load"),
     ("resize (Image.resize)", "Image.py", "resize"),
@@ -416,6 +418,7 @@ _KEY_FUNCTIONS = (
     ("ShardReader.next (tar reading)", "shards.py", "next"),
     ("Tokenizer.encode", "tokenizer.py", "encode"),
     ("_Collator.__call__ (ours' collation)", "pipeline.py", "__call__"),
+    ("_Collator.__call__, its own lines (tensor indexing and operators, not calls)", "pipeline.py", "__call__", False),
     ("images_to_tensor", "images.py", "images_to_tensor"),
     ("webdataset tar iteration (tar_file_iterator)", "tariterators.py", "tar_file_iterator"),
     ("DataLoader fetch (default_convert)", "collate.py", "default_convert"),
@@ -444,10 +447,10 @@ def profile_loader(make: Callable[[], Iterator[dict[str, Any]]], args: argparse.
 
     ranked = sorted(table.items(), key=lambda item: -item[1][2])[:top]
     key_steps = {}
-    for label, file_name, function in _KEY_FUNCTIONS:
+    for label, file_name, function, *own in _KEY_FUNCTIONS:
         matches = [entry for (path, _, name), entry in table.items() if name == function and path.endswith(file_name)]
         if matches:
-            cumulative = max(entry[3] for entry in matches)
+            cumulative = max(entry[2 if own else 3] for entry in matches)
             key_steps[label] = {"cum_s": cumulative, "cum_share": cumulative / total, "calls": sum(e[1] for e in matches)}
     return {
         "samples": samples, "wall_s": wall, "profiled_s": total, "samples_per_s_under_profile": samples / wall,
@@ -494,7 +497,7 @@ def machine() -> dict[str, Any]:
 def machine_line(info: dict[str, Any]) -> str:
     return (
         f"{info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), {info['memory_gib']:.0f} GiB RAM; "
-        f"Python {info['python']}, torch {info['torch']} ({info['torch_threads']} intra-op threads), "
+        f"Python {info['python']}, torch {info['torch']} ({info['torch_threads']} intra-op thread(s)), "
         f"Pillow {info['pillow']} ({info['libjpeg']}), webdataset {info['webdataset']}, numpy {info['numpy']}, "
         f"sentencepiece {info['sentencepiece']}"
     )
@@ -679,7 +682,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         resume.grid(alpha=0.3)
         handles = [h for ax in (resume, size) for h in ax.get_legend_handles_labels()[0]]
         labels = [lab for ax in (resume, size) for lab in ax.get_legend_handles_labels()[1]]
-        resume.legend(handles, labels, fontsize=7, loc="center right")
+        resume.legend(handles, labels, fontsize=7, loc="upper left", framealpha=0.9)
     else:
         resume.set_axis_off()
     fig.tight_layout()
@@ -702,8 +705,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "shuffle-buffer / micro-batch")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches of each loader first (per worker)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers for the scaling part")
-    parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                        help="cProfile both loaders: auto = when ours misses the target")  # fmt: skip
+    parser.add_argument("--profile", choices=("auto", "always", "never"), default="always",
+                        help="cProfile both loaders after the throughput part (auto: when ours misses the target)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of this process (a DataLoader worker runs with 1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)

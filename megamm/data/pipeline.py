@@ -226,12 +226,9 @@ class _Collator:
         answers = [None if row.question is None else row.question[1] for row in rows]
         question_ids, question_mask = self._encode(questions, absent_bos=False)
         answer_ids, answer_mask = self._encode(answers, absent_bos=False)
-        image = images_to_tensor(images)  # (B, 3, H, W)
-        has_image = torch.tensor([row.image is not None for row in rows], dtype=torch.bool)  # (B,)
-        image[~has_image] = -1.0  # black, as the model's own placeholder
         return {
-            "image": image,
-            "has_image": has_image,
+            "image": images_to_tensor(images),  # (B, 3, H, W); a missing image is black (-1), as the model's placeholder
+            "has_image": torch.tensor([row.image is not None for row in rows], dtype=torch.bool),  # (B,)
             "text_ids": text_ids,  # (B, T)
             "text_mask": text_mask,  # (B, T)
             "has_text": torch.tensor([row.caption is not None for row in rows], dtype=torch.bool),  # (B,)

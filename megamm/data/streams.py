@@ -21,13 +21,14 @@ raw samples: block ``b`` draws its samples (picking the source by ``weight`` and
 its permutation from an RNG seeded by ``(data.seed, s, b)``. With one source, a block is shuffled
 within each epoch's part of it, so a stream passes on all of an epoch before the next one.
 
-The state of a stream (:class:`StreamState`) is the block it is in, how many of that block's
-samples it has passed on, and, for each source, the epoch, the next piece and the open pieces with
-the samples read from each, as they were at the block's start. It is a few numbers, whatever the
-amount of data read, so resuming costs at most one shard's worth of reading: whole shards
-before the open ones are never opened, the open ones skip their read samples by reading tar
-headers only (:meth:`~megamm.data.shards.ShardReader.skip`), and the current block is read again
-to pass over the samples already taken.
+The state of a stream (:func:`initial_state` shows its form) is the block it is in, how many of
+that block's samples it has passed on, and, for each source, the epoch, the next piece and the open
+pieces with the samples read from each, as they were at the block's start. It is a few numbers,
+whatever the amount of data read, so resuming costs the same at any point: whole shards before the
+open ones are never opened, the open ones skip their read samples by reading tar headers only
+(:meth:`~megamm.data.shards.ShardReader.skip`), and the current block (``data.shuffle_buffer``
+samples, which any start reads) is read again to pass over the samples already taken. With blocks
+smaller than a shard, that is less than one shard's reading.
 """
 
 from __future__ import annotations

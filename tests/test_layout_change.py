@@ -1,13 +1,13 @@
 """Resuming on another parallel layout through DeepSpeed's universal checkpoint
 (`tools/convert_checkpoint.py`), and the refusal of every other layout change.
 
-Each source run trains 6 steps and saves at step 3; its step-3 checkpoint is converted and resumed
-on another layout, whose steps 4-6 must give the uninterrupted run's losses (1e-5 relative). All
-runs use ``data.global_batches`` (the same batches at any data-parallel size) and keep the
-contrastive batch (``micro_batch_size`` x data-parallel size) at 8. Two of the changes cross
-between the model's plain form (no pipeline stages) and its pipeline form, whose parameters are
-named otherwise (``convert_checkpoint.py --to``); the names' correspondence itself is checked
-against both forms' real parameters.
+The source runs are tests/layout_runs.py's (shared with tests/test_layout_parity.py): 6 steps,
+saved at step 3, with ``data.global_batches`` (the same batches at any data-parallel size) and a
+contrastive batch (``micro_batch_size`` x data-parallel size) of 8. A source's step-3 checkpoint
+is converted and resumed on another layout, whose steps 4-6 must give the uninterrupted run's
+losses (1e-5 relative). Two of the changes cross between the model's plain form (no pipeline
+stages) and its pipeline form, whose parameters are named otherwise (``convert_checkpoint.py
+--to``); the names' correspondence itself is checked against both forms' real parameters.
 """
 
 from __future__ import annotations
@@ -21,30 +21,13 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.launch import ROOT, deepspeed_command, digest, overrides, pretrain, run, tensorboard_events
-
-COMMON = {
-    "train_steps": "6",
-    "checkpoint.save_interval": "3",
-    "logging.log_interval": "1",
-    "grad_accum_steps": "2",
-    "data.global_batches": "true",
-}
+from tests.launch import ROOT, digest, pretrain
+from tests.layout_runs import SAVED, STEPS, layout_args, layout_run, losses, train
 
 
 def _args(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:
-    values = {**COMMON, **changes}
-    return ["--config", "clip_tiny", *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in values.items()})]
-
-
-def _train(data: dict[str, str], run_dir: Path, ranks: int, log: Path, **changes: str) -> str:
-    result = run(deepspeed_command(ranks, _args(data, run_dir, **changes)), log)
-    assert result.returncode == 0, result.stdout[-4000:]
-    return result.stdout
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {step: values[-1] for step, values in tensorboard_events(run_dir / "tensorboard", "train/loss").items()}
+    """One process's arguments on the sources' settings (data-parallel size 1), with ``changes``."""
+    return layout_args(data, run_dir, 1, {k.replace("__", "."): v for k, v in changes.items()})
 
 
 def _convert(source: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
@@ -54,55 +37,40 @@ def _convert(source: Path, out: Path, *options: str) -> subprocess.CompletedProc
     )
 
 
-# name: (ranks, layout) of the source runs
-SOURCES = {
-    "zero3-dp2": (2, {"parallel.zero_stage": "3", "micro_batch_size": "4"}),
-    "zero1-tp2xpp2": (
-        4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2"},
-    ),
-    "zero1-tp2": (2, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2"}),
-}
-# name: (source, convert_checkpoint.py options, target ranks, target layout)
+# name: the layout of tests/layout_runs.py that the source is
+SOURCES = {"zero3-dp2": "DP=2 ZeRO-3", "zero1-tp2xpp2": "TP=2 x PP=2", "zero1-tp2": "TP=2 ZeRO-1"}
+# name: (source, convert_checkpoint.py options, target ranks, target data-parallel size, target layout)
 CHANGES = {
-    "zero3-dp2-to-dp4": ("zero3-dp2", (), 4, {"parallel.zero_stage": "3", "micro_batch_size": "2"}),
-    "zero1-tp2xpp2-to-pp4": (
-        "zero1-tp2xpp2", (), 4, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.pipeline_parallel": "4"},
-    ),
+    "zero3-dp2-to-dp4": ("zero3-dp2", (), 4, 4, {"parallel.zero_stage": "3"}),
+    "zero1-tp2xpp2-to-pp4": ("zero1-tp2xpp2", (), 4, 1, {"parallel.zero_stage": "1", "parallel.pipeline_parallel": "4"}),
     "zero1-tp2xpp2-to-plain-tp2": (
-        "zero1-tp2xpp2", ("--to", "plain"),
-        2, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.tensor_parallel": "2"},
+        "zero1-tp2xpp2", ("--to", "plain"), 2, 1, {"parallel.zero_stage": "1", "parallel.tensor_parallel": "2"},
     ),
     "zero1-plain-tp2-to-pp2": (
-        "zero1-tp2", ("--to", "pipeline"),
-        2, {"parallel.zero_stage": "1", "micro_batch_size": "8", "parallel.pipeline_parallel": "2"},
+        "zero1-tp2", ("--to", "pipeline"), 2, 1, {"parallel.zero_stage": "1", "parallel.pipeline_parallel": "2"},
     ),
 }
 
 
 @pytest.fixture(scope="module")
 def sources(data: dict[str, str], tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    runs = {}
-    for name, (ranks, layout) in SOURCES.items():
-        _train(data, root / name, ranks, root / f"{name}.log", **layout)
-        runs[name] = root / name
-    return runs
+    return {name: layout_run(layout, data, tmp_path_factory)[0] for name, layout in SOURCES.items()}
 
 
 @pytest.mark.parametrize("name", list(CHANGES))
 def test_converted_checkpoint_resumes_on_another_layout(
     data: dict[str, str], sources: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    source_name, options, ranks, layout = CHANGES[name]
-    source = sources[source_name] / "checkpoints" / "global_step3"
+    source_name, options, ranks, dp, layout = CHANGES[name]
+    source = sources[source_name] / "checkpoints" / f"global_step{SAVED}"
     before = digest(source)
     converted = _convert(source, tmp_path / "run" / "checkpoints", *options)
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert digest(source) == before, "the conversion changed its source"
-    log = _train(data, tmp_path / "run", ranks, tmp_path / "resume.log", **layout)
-    assert "resumed from" in log and "at step 3" in log
-    uninterrupted, resumed = _losses(sources[source_name]), _losses(tmp_path / "run")
-    assert sorted(resumed) == [4, 5, 6]
+    log = train(data, tmp_path / "run", ranks, dp, layout)
+    assert "resumed from" in log and f"at step {SAVED}" in log
+    uninterrupted, resumed = losses(sources[source_name]), losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(SAVED + 1, STEPS + 1))
     for step in resumed:
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=0), (step, resumed, uninterrupted)
 

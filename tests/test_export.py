@@ -1,18 +1,17 @@
-"""tools/export_checkpoint.py on a real checkpoint: a short run of the whole model through the
-`deepspeed` launcher at TP=2 x DP=2 under ZeRO-3, exported, loads at TP=1 and gives the outputs
-the checkpoint gives at TP=2 (1e-5 relative); split again over TP=2 it is the checkpoint's model
-bit for bit. The tokenizer is checked against the checkpoint's fingerprint.
+"""tools/export_checkpoint.py on a real checkpoint: a short run of the whole model (caption decoder
+included) through the `deepspeed` launcher at TP=2 x DP=2 under ZeRO-3, exported, loads at TP=1 and
+gives the outputs the checkpoint gives at TP=2 (1e-5 relative); split again over TP=2 it is the
+checkpoint's model bit for bit. The tokenizer is checked against the checkpoint's fingerprint.
 
-The run leaves out the caption decoder (captioning and vqa_generative at 0): the end-of-run
-evaluation's generate() fails under ZeRO-3 (the decoder's own parameters are read outside a
-forward, so ZeRO-3 never gathers them). Its split patterns are checked
-(test_split_patterns_fit_every_parameter_of_the_whole_model), on every fusion kind.
+The run's end-of-run evaluation (retrieval, then greedy captions and answers under ZeRO-3, every
+rank decoding) reads two shards of 4 held-out samples, one per data-parallel rank: one round each.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,22 @@ RUN = {
     "checkpoint.save_interval": "2",
 }
 FIELDS = ("image", "text_ids", "text_mask", "audio", "audio_lengths", "has_audio", "question_ids", "question_mask", "answer")
+
+
+def _small_eval_shards(data: dict[str, str], out: Path, shards: int = 2, per_shard: int = 4) -> Path:
+    """The first ``shards`` x ``per_shard`` samples of the held-out shard, as shards of their own."""
+    (source,) = sorted(Path(data["data.eval_shards"]).glob("*.tar"))
+    out.mkdir()
+    with tarfile.open(source) as tar:
+        members = tar.getmembers()
+        keys = list(dict.fromkeys(member.name.split(".")[0] for member in members))[: shards * per_shard]
+        for index in range(shards):
+            own = set(keys[index * per_shard : (index + 1) * per_shard])
+            with tarfile.open(out / f"shard-{index:06d}.tar", "w") as shard:
+                for member in members:
+                    if member.name.split(".")[0] in own:
+                        shard.addfile(member, tar.extractfile(member))
+    return out
 
 
 def _batch(data: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -75,17 +90,20 @@ def _export(*args: str) -> subprocess.CompletedProcess:
 
 def test_tp2_zero3_checkpoint_exports_and_loads_at_tp1(data: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = ["--config", "tiny", *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in RUN.items()})]
+    evaluation = _small_eval_shards(data, tmp_path / "eval")
+    changes = {**RUN, "data.eval_shards": str(evaluation)}
+    args = ["--config", "tiny", *overrides(data, run_dir, **{k.replace(".", "__"): v for k, v in changes.items()})]
     result = run(deepspeed_command(4, args), tmp_path / "train.log")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "tp=2 dp=2 zero=3" in result.stdout
+    assert "eval at step 2 over 8 pairs" in result.stdout and "caption_BLEU-4" in result.stdout
     [(step, checkpoint)] = complete_checkpoints(run_dir / "checkpoints")
     assert step == 2 and len(list(checkpoint.glob("*optim_states.pt"))) == 4
 
     export = tmp_path / "export"
     exported = _export(str(checkpoint), "--out", str(export))
     assert exported.returncode == 0, exported.stderr[-4000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run", "train.log"], "scratch files left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "export", "run", "train.log"], "scratch files left behind"
 
     batch = _batch(data)
     reference_file = tmp_path / "reference.pt"

@@ -107,12 +107,14 @@ def test_other_layout_changes_are_refused_naming_the_supported_paths(
     assert zero3.returncode == 2 and "parallel.zero_stage=3, which a resumed run keeps" in zero3.stderr
     assert not (tmp_path / "bad" / "global_step3").exists()
 
-    # Another data-parallel size without data.global_batches: the data position names other streams.
+    # Turning data.global_batches off changes what the streams read: refused, naming the field
+    # (another number of streams alone restarts at the next epoch: tests/test_resume.py).
     converted = tmp_path / "dp" / "checkpoints"
     assert _convert(plain / "checkpoints" / "global_step3", converted).returncode == 0
     result = pretrain(_args(data, tmp_path / "dp", micro_batch_size="8", data__global_batches="false"))
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "its data position names other streams" in result.stderr and "--restart-data" in result.stderr
+    assert "another training data stream (data.global_batches changed: global_batches True -> False)" in result.stderr
+    assert "--restart-data" in result.stderr
 
     # Converting twice is refused; so is a target that already holds the step.
     again = _convert(converted / "global_step3", tmp_path / "again")

@@ -94,7 +94,7 @@ CASES = [
     ("template-array", {"--ds-config": "{tmp}/array.json"}, ["{tmp}/array.json must be a JSON object"]),
     ("template-zero-int", {"--ds-config": "{tmp}/zero_int.json"}, ["'zero_optimization' must be an object"]),
     ("train-shards-match-nothing", {"data__train_shards": "{root}/train/nothing-*.tar"}, ["data.train_shards=", "matched no files"]),
-    ("too-few-shards", {"data__num_workers": "5"}, ["has 4 shards", "x 5 loader workers", "need at least 5"]),
+    ("too-few-samples", {"data__num_workers": "200"}, ["data.train_shards holds 128 samples, fewer than the 200 streams", "data.num_workers=200"]),
     ("eval-shards-missing", {"data__eval_shards": "{root}/eval/missing.tar"}, ["data.eval_shards=", "missing.tar", "does not exist"]),
     ("eval-shard-not-a-tar", {"data__eval_shards": "{tmp}/garbage.tar"}, ["data.eval_shards: shard {tmp}/garbage.tar is not a tar file"]),
     ("fp16-on-cpu", {"precision": "fp16"}, ["precision=fp16: the cpu accelerator cannot train in fp16"]),
@@ -129,7 +129,7 @@ def _case_files(tmp: Path) -> None:
 
 
 # Cases also tried on a fresh run directory, which a refused start must not create.
-ALSO_FRESH = {"too-few-shards", "eval-shards-missing", "fp16-on-cpu", "master-port-in-use", "template-stage-1",
+ALSO_FRESH = {"too-few-samples", "eval-shards-missing", "fp16-on-cpu", "master-port-in-use", "template-stage-1",
               "pipeline-with-zero3"}
 PARAMS = [
     pytest.param(changes, fragments, state, id=f"{name}-{state}")
@@ -323,12 +323,18 @@ def test_port_in_use_under_the_launcher_is_named(data: dict[str, str], tmp_path:
 
 
 def test_a_failing_rank_is_named_first_and_the_job_fails(data: dict[str, str], tmp_path: Path) -> None:
+    from megamm.config import DataConfig
+    from megamm.data.streams import Source, epoch_pieces
+
     shards = tmp_path / "train"
     shards.mkdir()
-    for index, source in enumerate(sorted(Path(data["data.train_shards"]).glob("*.tar"))):
-        if index % 2 == 0:
+    originals = sorted(Path(data["data.train_shards"]).glob("*.tar"))  # copied without their index:
+    dealt = Source(tuple(str(p) for p in originals))  # each epoch deals the shuffled shards out whole
+    rank1 = {p.shard for p in epoch_pieces(dealt, 0, 0, stream=1, streams=2, seed=DataConfig().seed, mode="epochs")}
+    for index, source in enumerate(originals):
+        if index not in rank1:
             shutil.copy(source, shards / source.name)
-        else:  # data-parallel rank 1 of 2 reads shards 1 and 3: only bad samples
+        else:  # data-parallel rank 1 of 2 reads these in its first epoch: only bad samples
             write_bad_shard(shards / source.name, 16)
     args = ["--config", "clip_tiny", *overrides(data, tmp_path / "run", data__train_shards=str(shards))]
     result = run(deepspeed_command(2, args), tmp_path / "launch.log", timeout=300)

@@ -79,32 +79,45 @@ def test_rollback_with_keep_last_1_keeps_the_new_checkpoint(data: dict[str, str]
 def test_resume_with_another_micro_batch_size_continues_the_samples(data: dict[str, str], tmp_path: Path) -> None:
     """Skeleton: the position was 3 batches; resumed at micro-batch 8 it skipped samples 12-23.
 
-    Now it is 12 samples per stream, saved in the checkpoint, and the resumed run continues there.
+    Now it is the stream's state (12 samples into its first shuffle block), saved in the
+    checkpoint, and the resumed run continues there.
     """
     run_dir = tmp_path / "run"
     _train(data, run_dir, micro_batch_size="4", train_steps="3", checkpoint__save_interval="3")
     state = _train_state(run_dir / "checkpoints" / "global_step3")
-    assert state["data_position"] == {0: 12} and state["batches_consumed"] == 3
+    assert state["batches_consumed"] == 3 and list(state["data_position"]) == [0]
+    assert (state["data_position"][0]["block"], state["data_position"][0]["offset"]) == (0, 12)
     log = _train(data, run_dir, micro_batch_size="8", train_steps="5", checkpoint__save_interval="5")
     assert "micro_batch_size 4 -> 8" in log
-    assert _train_state(run_dir / "checkpoints" / "global_step5")["data_position"] == {0: 12 + 2 * 8}
+    after = _train_state(run_dir / "checkpoints" / "global_step5")["data_position"][0]
+    assert (after["block"], after["offset"]) == (0, 12 + 2 * 8)
 
 
-def test_resume_refuses_another_data_stream_unless_told_to_restart_it(data: dict[str, str], tmp_path: Path) -> None:
+def test_resume_with_other_streams_restarts_at_the_next_epoch_and_other_data_is_refused(
+    data: dict[str, str], tmp_path: Path
+) -> None:
     """Skeleton: a new data.num_workers (or seed, shuffle buffer, shards) remapped every stream
-    and silently replayed or skipped data."""
+    and silently replayed or skipped data. Now another number of streams (data-parallel ranks x
+    loader workers) restarts each source at its next epoch and says so; any other change to what
+    the streams read is refused unless --restart-data."""
     run_dir = tmp_path / "run"
     _train(data, run_dir, train_steps="2")
     before = digest(run_dir)
-    refused = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="4", data__num_workers="2")])
+    refused = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="4", data__seed="9")])
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "saved reading another training data stream (data.num_workers changed: loader_workers 1 -> 2)" in refused.stderr
+    assert "saved reading another training data stream (data.seed changed: seed 1234 -> 9)" in refused.stderr
     assert "--restart-data" in refused.stderr and digest(run_dir) == before
 
-    log = _train(data, run_dir, "--restart-data", train_steps="4", data__num_workers="2")
-    assert "the training data starts again from its beginning (as --restart-data asks)" in log
+    log = _train(data, run_dir, train_steps="4", data__num_workers="2")
+    assert "the training data is read by 2 streams now" in log and "not 1 as when global_step2 was saved" in log
+    assert "each source restarts at the next epoch boundary (train_shards: epoch 1)" in log
     position = _train_state(run_dir / "checkpoints" / "global_step4")["data_position"]
-    assert position == {0: 8, 1: 8}, "two workers, one batch of 8 each since the restart"
+    assert sorted(position) == [0, 1] and [state["sources"][0]["epoch"] for state in position.values()] == [1, 1]
+
+    log = _train(data, run_dir, "--restart-data", train_steps="6", data__num_workers="2", data__seed="9")
+    assert "the training data starts again from its beginning (as --restart-data asks)" in log
+    position = _train_state(run_dir / "checkpoints" / "global_step6")["data_position"]
+    assert [state["sources"][0]["epoch"] for state in position.values()] == [0, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -214,9 +214,7 @@ def check_init_source(source: Path, config: TrainConfig, tokenizer: Tokenizer) -
         raise ConfigError(f"cannot fine-tune from {source}: " + "; ".join(problems))
 
 
-def check_universal_resume(
-    checkpoint: Path, marker: dict[str, Any], config: TrainConfig, layout: dict[str, int], restart_data: bool
-) -> None:
+def check_universal_resume(checkpoint: Path, marker: dict[str, Any], config: TrainConfig, layout: dict[str, int]) -> None:
     """Refuse what a universal checkpoint (tools/convert_checkpoint.py) cannot resume into.
 
     Any tensor-parallel, data-parallel or ZeRO layout works, and any number of pipeline stages
@@ -445,7 +443,7 @@ def preflight(
         layout = parallel_layout(info.world_size, config.parallel.tensor_parallel, dp_size, config.parallel.pipeline_parallel)
         marker = read_marker(checkpoint)
         if marker.get("universal"):
-            check_universal_resume(checkpoint, marker, config, layout, restart_data)
+            check_universal_resume(checkpoint, marker, config, layout)
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
             if ds_config["zero_optimization"]["stage"] == 0 and info.world_size == 1:
                 # DeepSpeed reads universal checkpoints into ZeRO optimizers only; over one rank,

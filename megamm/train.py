@@ -513,10 +513,9 @@ class Trainer:
             shards.update(part)
         state = self.state
         state.samples_seen += int(sums[0])
-        bad = Counter(state.bad_data)
-        bad.update({reason: int(count) for reason, count in zip(reasons, sums[1:]) if count})
-        state.bad_data = dict(sorted(bad.items()))
-        state.samples_skipped = sum(bad.values())
+        new = {reason: int(count) for reason, count in zip(reasons, sums[1:]) if count}
+        state.bad_data = dict(sorted((Counter(state.bad_data) + Counter(new)).items()))
+        state.samples_skipped += sum(new.values())
         state.bad_shards = dict(shards.most_common(KEPT_BAD_SHARDS))
         self.seen_here = 0
         self.bad_here.clear()

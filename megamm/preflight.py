@@ -399,7 +399,8 @@ def check_data(config: TrainConfig, dp_size: int, tokenizer: Tokenizer) -> list[
     streams = stream_count(data, dp_size)
     for source in sources:
         total = None if source.sizes is None else sum(source.sizes)
-        split = f"dealt to {streams} streams by sample" if total is not None else f"dealt to {streams} streams by shard"
+        dealt = f"dealt to {streams} stream{'s' if streams > 1 else ''}"
+        split = f"{dealt} by sample" if total is not None else f"{dealt} by shard"
         described = f"{total} samples" if total is not None else f"sample count unknown (no {SIZES_FILE})"
         weight = f", weight {source.weight:g}" if len(sources) > 1 else ""
         log.info("training source %s: %s, %s%s; %s (data.sampling=%s)",

@@ -179,7 +179,7 @@ def test_startup_names_split_sizes_and_the_incomplete_checkpoint_it_skips(
     result = pretrain(["--config", "clip_tiny", *overrides(data, run_dir, train_steps="6", checkpoint__save_interval="100")])
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
-    assert "data.train_shards: 4 shards, 128 samples; 4 per data-parallel rank" in log
+    assert "training source train_shards: 4 shards, 128 samples; dealt to 1 stream by sample (data.sampling=epochs)" in log
     assert "data.eval_shards: 1 shard, 40 samples" in log
     assert f"--resume auto skips {partial}: it has no megamm_complete.json, so its save did not finish" in log
     assert f"The first save moves it, with any later tag, to {run_dir / 'checkpoints' / 'abandoned'}/" in log

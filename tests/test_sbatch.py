@@ -140,7 +140,7 @@ def test_sbatch_finetune_entry_starts_from_the_pretrain_weights_on_separate_shar
     assert state == "COMPLETED", (state, log[-4000:], slurm_cluster.log_tails())
     assert "launchers/finetune.py" in log and "2 ranks: tp=2 dp=1 zero=3" in log
     assert f"weights from {reference / 'checkpoints' / f'global_step{STEPS}'}" in log
-    assert "data.train_shards: 2 shards, 64 samples" in log
+    assert "training source train_shards: 2 shards, 64 samples" in log
 
     tensorboard = run_dir / "tensorboard"
     pretrained = tensorboard_events(reference / "tensorboard", "eval/text_to_image_R@1")[STEPS]

@@ -29,11 +29,14 @@ LAYOUTS: dict[str, tuple[int, int, dict[str, str]]] = {
     "DP=2 ZeRO-3": (2, 2, {"parallel.zero_stage": "3"}),
     "TP=2": (2, 1, {"parallel.tensor_parallel": "2"}),
     "TP=2 ZeRO-1": (2, 1, {"parallel.tensor_parallel": "2", "parallel.zero_stage": "1"}),
-    "TP=2 x DP=2 ZeRO-3": (4, 2, {"parallel.tensor_parallel": "2", "parallel.zero_stage": "3"}),
+    # Also evaluated at step SAVED and reporting MFU: tests/test_e2e_deepspeed.py reads them.
+    "TP=2 x DP=2 ZeRO-3": (
+        4, 2, {"parallel.tensor_parallel": "2", "parallel.zero_stage": "3", "eval_interval": str(SAVED),
+               "logging.peak_tflops": "0.5"},
+    ),
     "PP=2": (2, 1, {"parallel.pipeline_parallel": "2", "parallel.zero_stage": "1"}),
-    "TP=2 x PP=2": (4, 1, {"parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2", "parallel.zero_stage": "1"}),
     # All three at once (the loss the pipeline logs is averaged over data-parallel ranks), with a
-    # user-given split.
+    # user-given split: tensor parallelism inside pipeline stages (PP=2 has the default split).
     "TP=2 x PP=2 x DP=2, split 3,6": (
         8, 2, {"parallel.tensor_parallel": "2", "parallel.pipeline_parallel": "2", "parallel.zero_stage": "1",
                "parallel.pipeline_partition": "3,6"},

@@ -38,13 +38,13 @@ def _convert(source: Path, out: Path, *options: str) -> subprocess.CompletedProc
 
 
 # name: the layout of tests/layout_runs.py that the source is
-SOURCES = {"zero3-dp2": "DP=2 ZeRO-3", "zero1-tp2xpp2": "TP=2 x PP=2", "zero1-tp2": "TP=2 ZeRO-1"}
+SOURCES = {"zero3-dp2": "DP=2 ZeRO-3", "zero1-tp2xpp2xdp2": "TP=2 x PP=2 x DP=2, split 3,6", "zero1-tp2": "TP=2 ZeRO-1"}
 # name: (source, convert_checkpoint.py options, target ranks, target data-parallel size, target layout)
 CHANGES = {
     "zero3-dp2-to-dp4": ("zero3-dp2", (), 4, 4, {"parallel.zero_stage": "3"}),
-    "zero1-tp2xpp2-to-pp4": ("zero1-tp2xpp2", (), 4, 1, {"parallel.zero_stage": "1", "parallel.pipeline_parallel": "4"}),
-    "zero1-tp2xpp2-to-plain-tp2": (
-        "zero1-tp2xpp2", ("--to", "plain"), 2, 1, {"parallel.zero_stage": "1", "parallel.tensor_parallel": "2"},
+    "zero1-tp2xpp2xdp2-to-pp4": ("zero1-tp2xpp2xdp2", (), 4, 1, {"parallel.zero_stage": "1", "parallel.pipeline_parallel": "4"}),
+    "zero1-tp2xpp2xdp2-to-plain-tp2": (
+        "zero1-tp2xpp2xdp2", ("--to", "plain"), 2, 1, {"parallel.zero_stage": "1", "parallel.tensor_parallel": "2"},
     ),
     "zero1-plain-tp2-to-pp2": (
         "zero1-tp2", ("--to", "pipeline"), 2, 1, {"parallel.zero_stage": "1", "parallel.pipeline_parallel": "2"},
@@ -88,7 +88,7 @@ def test_other_layout_changes_are_refused_naming_the_supported_paths(
     assert digest(plain) == watched
 
     # Unconverted, a pipeline checkpoint resumed without stages: the message names --to plain.
-    pipeline = sources["zero1-tp2xpp2"] / "checkpoints" / "global_step3"
+    pipeline = sources["zero1-tp2xpp2xdp2"] / "checkpoints" / "global_step3"
     args = _args(data, tmp_path / "unconverted", micro_batch_size="8", parallel__zero_stage="1")
     result = pretrain([*args, f"--resume={pipeline}"])
     assert result.returncode == 2, result.stderr[-3000:]

@@ -2,7 +2,9 @@
 
 Checks the TensorBoard event file (read back with tensorboard's EventAccumulator), the
 checkpoints, and that a run resumed from a mid-run checkpoint reproduces the uninterrupted
-run's losses step for step (model, optimizer, LR schedule and data position restored).
+run's losses step for step (model, optimizer, LR schedule and data position restored). The
+uninterrupted run is tests/layout_runs.py's "TP=2 x DP=2 ZeRO-3" layout (shared with the layout
+parity test): 6 steps of two micro-batches, evaluated and saved at steps 3 and 6.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -17,12 +20,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megamm.config import load_config
-from megamm.data import iter_captions, train_tokenizer, write_demo_dataset
 from megamm.engine import complete_checkpoints
 from megamm.model import MultiModalTransformer
-from tests.launch import ROOT, deepspeed_command, overrides, run
+from tests.launch import ROOT, deepspeed_command, run
+from tests.layout_runs import LAYOUTS, SAVED, STEPS, layout_run, train
 
-STEPS = 20
+LAYOUT = "TP=2 x DP=2 ZeRO-3"
 
 
 def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
@@ -33,29 +36,6 @@ def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
 
 def _losses(tensorboard_dir: Path) -> dict[int, float]:
     return _scalars(tensorboard_dir, "train/loss")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, train_shards=4, samples_per_shard=96, eval_samples=48, image_size=32, seed=0)
-    tokenizer = train_tokenizer(iter_captions(sorted(str(p) for p in (root / "train").glob("*.tar"))), root / "tok.model", 256)
-    return {
-        "data.train_shards": str(root / "train"),
-        "data.eval_shards": str(root / "eval"),
-        "data.tokenizer": str(tokenizer),
-    }
-
-
-def _train(data: dict[str, str], run_dir: Path, resume: str = "auto"):
-    changes = dict(
-        parallel__tensor_parallel="2", train_steps=str(STEPS), optim__warmup_steps="5", logging__log_interval="1",
-        logging__peak_tflops="0.5", eval_interval="10", checkpoint__save_interval="10", checkpoint__keep_last="5",
-    )
-    args = ["--config", "clip_tiny", "--resume", resume, *overrides(data, run_dir, **changes)]
-    result = run(deepspeed_command(4, args), run_dir.with_suffix(".log"))
-    assert result.returncode == 0, result.stdout[-4000:]
-    return result
 
 
 def _check_monitoring(tensorboard: Path, log: str) -> None:
@@ -75,44 +55,45 @@ def _check_monitoring(tensorboard: Path, log: str) -> None:
         assert 65 + 3 <= ratio <= 65 + 24, ratio
         assert all(values[f"time/{phase}_ms"][step] >= 0 for phase in ("data_wait", "forward", "backward", "optimizer"))
         assert values["time/forward_ms"][step] > 0 and 0.1 < values["memory/host_max_rss_gb"][step] < 50
-        assert values["data/epoch"][step] == (step - 1) * 8 // 192  # 8 samples a step from 2 shards of 96 per rank
+        # 16 samples a step (two global micro-batches of 8) from the one stream of 128 samples
+        assert values["data/epoch"][step] == (step - 1) * 16 // 128
     accumulator = EventAccumulator(str(tensorboard))
     accumulator.Reload()
     assert "config/text_summary" in accumulator.Tags()["tensors"]
     assert "train/loss_scale" not in accumulator.Tags()["scalars"], "a loss scale outside fp16"
-    assert re.search(r"step 20/20 .* TFLOP/s  eta 0s", log)
+    assert re.search(rf"step {STEPS}/{STEPS} .* TFLOP/s  eta 0s", log)
 
 
-def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path: Path) -> None:
-    full = tmp_path / "full"
-    result = _train(data, full)
-    assert "tp=2 dp=2 zero=3" in result.stdout
+def test_train_log_checkpoint_and_exact_resume(data: dict[str, str], tmp_path_factory, tmp_path: Path) -> None:
+    full, output = layout_run(LAYOUT, data, tmp_path_factory)
+    assert "tp=2 dp=2 zero=3" in output
     parameters = sum(p.numel() for p in MultiModalTransformer(load_config("clip_tiny").model).parameters())  # TP=1
-    assert f"model: {parameters / 1e6:.2f}M parameters (" in result.stdout
-    assert "text->image R@1" in result.stdout
-    # One evaluation shard over 2 data-parallel ranks: rank 1 embeds placeholders; 48 pairs, once each.
-    assert "eval at step 20 over 48 pairs" in result.stdout
+    assert f"model: {parameters / 1e6:.2f}M parameters (" in output
+    assert "text->image R@1" in output
+    # One evaluation shard over 2 data-parallel ranks: rank 1 embeds placeholders; 40 pairs, once each.
+    assert f"eval at step {STEPS} over 40 pairs" in output
 
     losses = _losses(full / "tensorboard")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(0 < value < 10 for value in losses.values())
     assert sorted(_scalars(full / "tensorboard", "train/lr")) == list(range(1, STEPS + 1))
-    assert sorted(_scalars(full / "tensorboard", "eval/text_to_image_R@1")) == [10, 20]
-    _check_monitoring(full / "tensorboard", result.stdout)
+    assert sorted(_scalars(full / "tensorboard", "eval/text_to_image_R@1")) == [SAVED, STEPS]
+    _check_monitoring(full / "tensorboard", output)
     steps = [step for step, _ in complete_checkpoints(full / "checkpoints")]
-    assert steps == [10, 20]
+    assert steps == [SAVED, STEPS]
     # ZeRO-3 writes one optimizer/parameter shard per data-parallel rank and TP rank.
-    shards = list((full / "checkpoints/global_step10").glob("*optim_states.pt"))
+    shards = list((full / f"checkpoints/global_step{SAVED}").glob("*optim_states.pt"))
     assert len(shards) == 4, shards
 
-    # Pretend the run died after step 10: keep only that checkpoint, resume into a fresh log dir.
+    # Pretend the run died after its mid-run checkpoint: keep only that one, resume into a fresh log dir.
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints/global_step10", resumed / "checkpoints/global_step10")
-    result = _train(data, resumed, resume="auto")
-    assert "resumed from" in result.stdout and "at step 10" in result.stdout
+    shutil.copytree(full / f"checkpoints/global_step{SAVED}", resumed / f"checkpoints/global_step{SAVED}")
+    ranks, dp, changes = LAYOUTS[LAYOUT]
+    output = train(data, resumed, ranks, dp, changes, "--resume", "auto")
+    assert "resumed from" in output and f"at step {SAVED}" in output
     resumed_losses = _losses(resumed / "tensorboard")
-    assert sorted(resumed_losses) == list(range(11, STEPS + 1))
+    assert sorted(resumed_losses) == list(range(SAVED + 1, STEPS + 1))
     for step, value in resumed_losses.items():
         assert value == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
 
@@ -158,7 +139,8 @@ def test_zero3_tp2_dp2_training_matches_single_process(tmp_path: Path) -> None:
 
 
 def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: Path) -> None:
-    """`python launchers/pretrain.py` alone is a world of one: TP=1, DP=1, same code path."""
+    """`python launchers/pretrain.py` alone is a world of one: TP=1, DP=1, same code path. It picks a
+    free port for its process group: the one the skeleton always used is taken here."""
     overrides = {
         **data,
         "micro_batch_size": "8",
@@ -167,7 +149,13 @@ def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: P
         "logging.tensorboard_dir": str(tmp_path / "tensorboard"),
     }
     command = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "clip_tiny"]
-    result = run(command + [f"{k}={v}" for k, v in overrides.items()], tmp_path / "single.log", timeout=300)
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 29555))  # the port the skeleton always used
+            taken.listen()
+        except OSError:
+            pass  # taken already: the run must still start
+        result = run(command + [f"{k}={v}" for k, v in overrides.items()], tmp_path / "single.log", timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "1 ranks: tp=1 dp=1 zero=0" in result.stdout  # ZeRO-3 asked for; nothing to partition
     assert "parallel.zero_stage=3: a single process has nothing to partition" in result.stdout

@@ -209,20 +209,6 @@ def test_checkpoint_from_before_a_new_setting_resumes_at_its_default(
     assert "at step 4" in result.stderr and "model.dropout" not in result.stderr
 
 
-def test_launcherless_run_chooses_a_free_port(data: dict[str, str], tmp_path: Path) -> None:
-    taken = socket.socket()
-    try:
-        try:
-            taken.bind(("127.0.0.1", 29555))  # the port the skeleton always used
-            taken.listen()
-        except OSError:
-            pass  # taken already: the run must still start
-        result = pretrain(["--config", "clip_tiny", *overrides(data, tmp_path, train_steps="1")])
-    finally:
-        taken.close()
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_help_names_only_existing_recipes() -> None:
     result = subprocess.run([sys.executable, PRETRAIN, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

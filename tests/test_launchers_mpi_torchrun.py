@@ -1,7 +1,9 @@
 """`launchers/pretrain.py` runs unchanged under `mpiexec` (MPICH from the `mpich` wheel; ranks and
 rendezvous from mpi4py) and `torchrun`, and trains exactly as under the `deepspeed` launcher.
 
-TP=2 x DP=2 under ZeRO-3 on one host, loopback only: every launcher gets 127.0.0.1 explicitly.
+TP=2 x DP=2 under ZeRO-3 on one host, loopback only: every launcher gets 127.0.0.1 explicitly. The
+`deepspeed` run is tests/layout_runs.py's "TP=2 x DP=2 ZeRO-3" layout (shared with the layout
+tests); the other launchers run it with the same arguments.
 """
 
 from __future__ import annotations
@@ -12,30 +14,32 @@ from pathlib import Path
 import pytest
 
 from megamm.engine import free_port
-from tests.launch import PRETRAIN, deepspeed_command, overrides, run, tensorboard_events
+from tests.launch import PRETRAIN, run, tensorboard_events
+from tests.layout_runs import LAYOUTS, STEPS, layout_args, layout_run
 
+LAYOUT = "TP=2 x DP=2 ZeRO-3"
 RANKS = 4
 
 
 def _args(data: dict[str, str], run_dir: Path) -> list[str]:
-    return ["--config", "clip_tiny", *overrides(data, run_dir, parallel__tensor_parallel="2", logging__log_interval="1")]
+    ranks, dp, changes = LAYOUTS[LAYOUT]
+    assert ranks == RANKS
+    return layout_args(data, run_dir, dp, changes)
 
 
 def _check(run_dir: Path, output: str, reference: Path) -> None:
     assert f"{RANKS} ranks: tp=2 dp=2 zero=3" in output, output[-3000:]
     assert "text->image R@1" in output
     losses = tensorboard_events(run_dir / "tensorboard", "train/loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses == tensorboard_events(reference / "tensorboard", "train/loss"), "another launcher, other numbers"
-    assert (run_dir / "checkpoints" / "global_step4" / "megamm_complete.json").is_file()
+    assert (run_dir / "checkpoints" / f"global_step{STEPS}" / "megamm_complete.json").is_file()
 
 
 @pytest.fixture(scope="module")
 def reference(data: dict[str, str], tmp_path_factory) -> Path:
     """The same run under the `deepspeed` launcher."""
-    run_dir = tmp_path_factory.mktemp("launchers") / "deepspeed"
-    result = run(deepspeed_command(RANKS, _args(data, run_dir)), run_dir.with_suffix(".log"), timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:]
-    return run_dir
+    return layout_run(LAYOUT, data, tmp_path_factory)[0]
 
 
 def test_mpiexec_n4_trains_like_the_deepspeed_launcher(data: dict[str, str], reference: Path, tmp_path: Path) -> None:

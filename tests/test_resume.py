@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -34,26 +35,30 @@ def _train_state(checkpoint: Path) -> dict:
 # Rollback
 
 
-def _rollback(data: dict[str, str], run_dir: Path, keep_last: str) -> str:
-    """Run A saves steps 2, 4, 6; run B resumes from step 2 and saves step 4."""
+@pytest.fixture(scope="module")
+def line_a(data: dict[str, str], tmp_path_factory) -> Path:
+    """Run A, which saved steps 2, 4 and 6 (keep_last=3); each rollback test resumes a copy of it."""
+    run_dir = tmp_path_factory.mktemp("line-a") / "run"
     _train(data, run_dir, train_steps="6", checkpoint__keep_last="3")
     assert _tags(run_dir) == ["global_step2", "global_step4", "global_step6"]
+    return run_dir
+
+
+def _roll_back(data: dict[str, str], line_a: Path, run_dir: Path, keep_last: str) -> str:
+    """Run B, in a copy of run A: resumes from step 2 and saves step 4."""
+    shutil.copytree(line_a, run_dir)
     return _train(
         data, run_dir, "--resume", str(run_dir / "checkpoints" / "global_step2"), train_steps="4",
         checkpoint__keep_last=keep_last,
     )
 
 
-def test_rollback_sets_the_abandoned_line_aside(data: dict[str, str], tmp_path: Path) -> None:
+def test_rollback_sets_the_abandoned_line_aside(data: dict[str, str], line_a: Path, tmp_path: Path) -> None:
     """Skeleton: pruning deleted global_step2 (B's starting point) and kept A's global_step6, which
     the next --resume auto picked."""
     run_dir = tmp_path / "run"
-    _train(data, run_dir, train_steps="6", checkpoint__keep_last="3")
-    abandoned_before = digest(run_dir / "checkpoints" / "global_step4", run_dir / "checkpoints" / "global_step6")
-    log = _train(
-        data, run_dir, "--resume", str(run_dir / "checkpoints" / "global_step2"), train_steps="4",
-        checkpoint__keep_last="2",
-    )
+    abandoned_before = digest(line_a / "checkpoints" / "global_step4", line_a / "checkpoints" / "global_step6")
+    log = _roll_back(data, line_a, run_dir, keep_last="2")
     assert _tags(run_dir) == ["global_step2", "global_step4"]
     assert "so the later checkpoints in checkpoint.dir (global_step4, global_step6) belong to an abandoned line" in log
     (moved,) = (run_dir / "checkpoints" / "abandoned").glob("resumed-at-step2-*")
@@ -64,10 +69,10 @@ def test_rollback_sets_the_abandoned_line_aside(data: dict[str, str], tmp_path: 
     assert f"resumed from {run_dir / 'checkpoints' / 'global_step4'} at step 4" in resumed
 
 
-def test_rollback_with_keep_last_1_keeps_the_new_checkpoint(data: dict[str, str], tmp_path: Path) -> None:
+def test_rollback_with_keep_last_1_keeps_the_new_checkpoint(data: dict[str, str], line_a: Path, tmp_path: Path) -> None:
     """Skeleton: with keep_last=1 B's new global_step4 itself was deleted (A's step 6 was newer)."""
     run_dir = tmp_path / "run"
-    _rollback(data, run_dir, keep_last="1")
+    _roll_back(data, line_a, run_dir, keep_last="1")
     assert _tags(run_dir) == ["global_step4"]
     assert _train_state(run_dir / "checkpoints" / "global_step4")["step"] == 4
 

@@ -225,6 +225,14 @@ def _pipeline_run(rank: int, world: int, overrides: tuple[str, ...], reference: 
         json.dump({"losses": losses, "worst_weight_difference": worst, "stages": [[int(a), int(b)] for a, b in model.stage_layers()]}, handle)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process's run, for every layout below (the parallel settings leave the plain model alone)."""
+    out = tmp_path_factory.mktemp("pipeline-reference") / "reference.pt"
+    _reference(_config(), out)
+    return out
+
+
 @pytest.mark.parametrize(
     "world, overrides",
     [
@@ -237,10 +245,9 @@ def _pipeline_run(rank: int, world: int, overrides: tuple[str, ...], reference: 
     ],
     ids=["pp2", "tp2xpp2", "pp4"],
 )  # fmt: skip
-def test_whole_model_pipeline_trains_to_the_losses_of_one_process(tmp_path: Path, world: int, overrides: tuple) -> None:
-    config = _config(*overrides)
-    reference = tmp_path / "reference.pt"
-    _reference(config, reference)
+def test_whole_model_pipeline_trains_to_the_losses_of_one_process(
+    reference: Path, tmp_path: Path, world: int, overrides: tuple
+) -> None:
     report = tmp_path / "report.json"
     run_distributed(_pipeline_run, world, tmp_path, overrides, str(reference), str(report), timeout=300)
     expected = torch.load(reference)["losses"]

@@ -27,7 +27,6 @@ LAYOUTS: dict[str, tuple[int, int, dict[str, str]]] = {
     "one process": (1, 1, {}),
     "DP=2": (2, 2, {"parallel.zero_stage": "0"}),
     "DP=2 ZeRO-3": (2, 2, {"parallel.zero_stage": "3"}),
-    "TP=2": (2, 1, {"parallel.tensor_parallel": "2"}),
     "TP=2 ZeRO-1": (2, 1, {"parallel.tensor_parallel": "2", "parallel.zero_stage": "1"}),
     # Also evaluated at step SAVED and reporting MFU: tests/test_e2e_deepspeed.py reads them.
     "TP=2 x DP=2 ZeRO-3": (

@@ -4,18 +4,21 @@
 The source runs are tests/layout_runs.py's (shared with tests/test_layout_parity.py): 6 steps,
 saved at step 3, with ``data.global_batches`` (the same batches at any data-parallel size) and a
 contrastive batch (``micro_batch_size`` x data-parallel size) of 8. A source's step-3 checkpoint
-is converted and resumed on another layout, whose steps 4-6 must give the uninterrupted run's
-losses (1e-5 relative). Two of the changes cross between the model's plain form (no pipeline
-stages) and its pipeline form, whose parameters are named otherwise (``convert_checkpoint.py
---to``); the names' correspondence itself is checked against both forms' real parameters.
+is converted (once per source and options) and resumed on another layout, whose steps 4-6 must
+give the uninterrupted run's losses (1e-5 relative). Two of the changes cross between the
+model's plain form (no pipeline stages) and its pipeline form, whose parameters are named
+otherwise (``convert_checkpoint.py --to``); the names' correspondence itself is checked against
+both forms' real parameters.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -57,16 +60,35 @@ def sources(data: dict[str, str], tmp_path_factory) -> dict[str, Path]:
     return {name: layout_run(layout, data, tmp_path_factory)[0] for name, layout in SOURCES.items()}
 
 
+@pytest.fixture(scope="module")
+def converted(sources: dict[str, Path], tmp_path_factory) -> Callable[..., Path]:
+    """``converted(source, *options)``: a checkpoint.dir holding the universal checkpoint that
+    convert_checkpoint.py made of the source's step-SAVED checkpoint, converted once in this
+    module (the conversion must leave its source as it was); tests resume or refuse copies of it."""
+    root = tmp_path_factory.mktemp("converted")
+    done: dict[tuple[str, ...], Path] = {}
+
+    def convert(source_name: str, *options: str) -> Path:
+        key = (source_name, *options)
+        if key not in done:
+            source = sources[source_name] / "checkpoints" / f"global_step{SAVED}"
+            before = digest(source)
+            out = root / f"{len(done)}" / "checkpoints"
+            result = _convert(source, out, *options)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert digest(source) == before, "the conversion changed its source"
+            done[key] = out
+        return done[key]
+
+    return convert
+
+
 @pytest.mark.parametrize("name", list(CHANGES))
 def test_converted_checkpoint_resumes_on_another_layout(
-    data: dict[str, str], sources: dict[str, Path], tmp_path: Path, name: str
+    data: dict[str, str], sources: dict[str, Path], converted: Callable[..., Path], tmp_path: Path, name: str
 ) -> None:
     source_name, options, ranks, dp, layout = CHANGES[name]
-    source = sources[source_name] / "checkpoints" / f"global_step{SAVED}"
-    before = digest(source)
-    converted = _convert(source, tmp_path / "run" / "checkpoints", *options)
-    assert converted.returncode == 0, converted.stderr[-3000:]
-    assert digest(source) == before, "the conversion changed its source"
+    shutil.copytree(converted(source_name, *options), tmp_path / "run" / "checkpoints")
     log = train(data, tmp_path / "run", ranks, dp, layout)
     assert "resumed from" in log and f"at step {SAVED}" in log
     uninterrupted, resumed = losses(sources[source_name]), losses(tmp_path / "run")
@@ -76,7 +98,7 @@ def test_converted_checkpoint_resumes_on_another_layout(
 
 
 def test_other_layout_changes_are_refused_naming_the_supported_paths(
-    data: dict[str, str], sources: dict[str, Path], tmp_path: Path
+    data: dict[str, str], sources: dict[str, Path], converted: Callable[..., Path], tmp_path: Path
 ) -> None:
     # An unconverted checkpoint on another layout: the message names the converter.
     plain = sources["zero3-dp2"]
@@ -96,8 +118,7 @@ def test_other_layout_changes_are_refused_naming_the_supported_paths(
 
     # Converted for the pipeline form (the source's, by default), into the plain model: parameters
     # are named otherwise, and the message names the conversion that fits.
-    converted = tmp_path / "converted" / "checkpoints"
-    assert _convert(pipeline, converted).returncode == 0
+    shutil.copytree(converted("zero1-tp2xpp2xdp2"), tmp_path / "converted" / "checkpoints")
     result = pretrain(_args(data, tmp_path / "converted", micro_batch_size="8", parallel__zero_stage="1"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "was converted for the model's pipeline form and parallel.pipeline_parallel=1 trains the plain one" in result.stderr
@@ -109,17 +130,17 @@ def test_other_layout_changes_are_refused_naming_the_supported_paths(
 
     # Turning data.global_batches off changes what the streams read: refused, naming the field
     # (another number of streams alone restarts at the next epoch: tests/test_resume.py).
-    converted = tmp_path / "dp" / "checkpoints"
-    assert _convert(plain / "checkpoints" / "global_step3", converted).returncode == 0
+    universal = tmp_path / "dp" / "checkpoints"
+    shutil.copytree(converted("zero3-dp2"), universal)
     result = pretrain(_args(data, tmp_path / "dp", micro_batch_size="8", data__global_batches="false"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "another training data stream (data.global_batches changed: global_batches True -> False)" in result.stderr
     assert "--restart-data" in result.stderr
 
     # Converting twice is refused; so is a target that already holds the step.
-    again = _convert(converted / "global_step3", tmp_path / "again")
+    again = _convert(universal / "global_step3", tmp_path / "again")
     assert again.returncode == 2 and "already a universal checkpoint" in again.stderr
-    clash = _convert(plain / "checkpoints" / "global_step3", converted)
+    clash = _convert(plain / "checkpoints" / "global_step3", universal)
     assert clash.returncode == 2 and "exists; give an empty --out directory" in clash.stderr
 
 

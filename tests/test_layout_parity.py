@@ -1,4 +1,4 @@
-"""Every parallel layout computes what one process computes: eight layouts (tests/layout_runs.py),
+"""Every parallel layout computes what one process computes: seven layouts (tests/layout_runs.py),
 6 steps each, through the real `deepspeed` launcher and `launchers/pretrain.py`, each from one
 command line of overrides.
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -83,6 +84,29 @@ def pretrain(
         text=True,
         timeout=timeout,
     )
+
+
+_FINISHED: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def finished_single_process_run(data: dict[str, str], tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python launchers/pretrain.py --config clip_tiny`` on the test run's overrides (4 steps,
+    checkpoints at steps 2 and 4): its run directory and its completed process. Trained once per
+    test session, by whichever test asks first (tests/test_e2e_deepspeed.py, tests/test_misuse.py).
+    The port the skeleton always used (29555) is held taken while it starts: it must pick a free one."""
+    key = data["data.train_shards"]
+    if key not in _FINISHED:
+        run_dir = tmp_path_factory.mktemp("run")
+        with socket.socket() as taken:
+            try:
+                taken.bind(("127.0.0.1", 29555))
+                taken.listen()
+            except OSError:
+                pass  # taken already: the run must still start
+            result = pretrain(["--config", "clip_tiny", *overrides(data, run_dir)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        _FINISHED[key] = run_dir, result
+    return _FINISHED[key]
 
 
 def overrides(data: dict[str, str], run_dir: Path, **changes: str) -> list[str]:

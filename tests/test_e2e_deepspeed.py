@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from megamm.config import load_config
 from megamm.engine import complete_checkpoints
 from megamm.model import MultiModalTransformer
-from tests.launch import ROOT, deepspeed_command, run
+from tests.launch import deepspeed_command, finished_single_process_run, run
 from tests.layout_runs import LAYOUTS, SAVED, STEPS, layout_run, train
 
 LAYOUT = "TP=2 x DP=2 ZeRO-3"
@@ -138,26 +136,11 @@ def test_zero3_tp2_dp2_training_matches_single_process(tmp_path: Path) -> None:
     assert curves["zero3_logit_scale"] == pytest.approx(curves["reference_logit_scale"], abs=1e-6)
 
 
-def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path: Path) -> None:
+def test_single_process_run_without_a_launcher(data: dict[str, str], tmp_path_factory) -> None:
     """`python launchers/pretrain.py` alone is a world of one: TP=1, DP=1, same code path. It picks a
-    free port for its process group: the one the skeleton always used is taken here."""
-    overrides = {
-        **data,
-        "micro_batch_size": "8",
-        "train_steps": "3",
-        "checkpoint.dir": str(tmp_path / "checkpoints"),
-        "logging.tensorboard_dir": str(tmp_path / "tensorboard"),
-    }
-    command = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", "clip_tiny"]
-    with socket.socket() as taken:
-        try:
-            taken.bind(("127.0.0.1", 29555))  # the port the skeleton always used
-            taken.listen()
-        except OSError:
-            pass  # taken already: the run must still start
-        result = run(command + [f"{k}={v}" for k, v in overrides.items()], tmp_path / "single.log", timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert "1 ranks: tp=1 dp=1 zero=0" in result.stdout  # ZeRO-3 asked for; nothing to partition
-    assert "parallel.zero_stage=3: a single process has nothing to partition" in result.stdout
-    assert [step for step, _ in complete_checkpoints(tmp_path / "checkpoints")] == [3]
-    assert sorted(_losses(tmp_path / "tensorboard")) == [3]
+    free port for its process group: the one the skeleton always used is taken while it starts."""
+    run_dir, result = finished_single_process_run(data, tmp_path_factory)
+    assert "1 ranks: tp=1 dp=1 zero=0" in result.stderr  # ZeRO-3 asked for; nothing to partition
+    assert "parallel.zero_stage=3: a single process has nothing to partition" in result.stderr
+    assert [step for step, _ in complete_checkpoints(run_dir / "checkpoints")] == [2, 4]
+    assert sorted(_losses(run_dir / "tensorboard")) == [4]  # logged at the last step (log_interval 10)

@@ -22,7 +22,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.launch import PRETRAIN, ROOT, deepspeed_command, digest, overrides, pretrain, run, write_bad_shard
+from tests.launch import (
+    PRETRAIN, ROOT, deepspeed_command, digest, finished_single_process_run, overrides, pretrain, run, write_bad_shard,
+)
 
 LOCK = "megamm.lock"
 
@@ -33,10 +35,10 @@ LOCK = "megamm.lock"
 
 @pytest.fixture(scope="module")
 def finished_run(data: dict[str, str], tmp_path_factory) -> Path:
-    """A run directory with checkpoints at steps 2 and 4 and its TensorBoard events."""
-    run_dir = tmp_path_factory.mktemp("run")
-    result = pretrain(["--config", "clip_tiny", *overrides(data, run_dir)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    """A run directory with checkpoints at steps 2 and 4 and its TensorBoard events (the session's
+    finished single-process run, which test_e2e_deepspeed reads too: refused starts must leave it
+    as it is, and the tests that resume it work on copies)."""
+    run_dir, _ = finished_single_process_run(data, tmp_path_factory)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
     assert not (run_dir / "checkpoints" / LOCK).exists(), "the lock outlived the run"
     return run_dir
